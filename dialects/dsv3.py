@@ -1,0 +1,638 @@
+"""The dsv3 dialect: a DeepSeek-V3-family model as ops on typed tensors.
+
+The IR has three kinds of op:
+- declarations: `dsv3.param` (a named parameter with shape, dtype, logical axes and init), `dsv3.optimizer`;
+- tensor ops: projections are plain `dsv3.matmul`s on named parameters, so passes can re-associate them
+  (MLA absorption) or quantise them (FP8); attention, routing and experts are ops of their own because their
+  lowering is a unit (softmax in FP32, group-limited top-k, dropless grouped GEMMs);
+- structure and effects: `dsv3.layer_stack` holds one layer in a region and a count (it lowers to `lax.scan`, so
+  compile time does not grow with depth), `dsv3.output` names what the program returns and which values are weighted
+  loss terms, `dsv3.bias_update` states the auxiliary-loss-free router-bias rule applied outside the gradient.
+
+Activations are `tensor<?x?x...>`: batch and sequence are chosen when compiling, every other dimension is static so
+that verifiers can check shapes when the IR is built, parsed or edited by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from xdsl.dialects.builtin import (
+    DYNAMIC_INDEX,
+    ArrayAttr,
+    BoolAttr,
+    FloatAttr,
+    IntegerAttr,
+    StringAttr,
+    TensorType,
+)
+from xdsl.ir import Attribute, Dialect, Operation, Region, SSAValue
+from xdsl.irdl import (
+    IRDLOperation,
+    ParsePropInAttrDict,
+    irdl_op_definition,
+    operand_def,
+    opt_prop_def,
+    prop_def,
+    region_def,
+    result_def,
+    traits_def,
+    var_operand_def,
+    var_result_def,
+)
+from xdsl.traits import IsTerminator, Pure, RecursiveMemoryEffect
+from xdsl.utils.exceptions import VerifyException
+
+DYN = DYNAMIC_INDEX
+
+_FORMAT = "operands attr-dict `:` functional-type(operands, results)"
+
+
+def shape_of(value: SSAValue | Attribute) -> tuple[int, ...]:
+    """Static shape of a tensor value or type (-1 for a dynamic dimension)."""
+    ty = value.type if isinstance(value, SSAValue) else value
+    assert isinstance(ty, TensorType)
+    return tuple(ty.get_shape())
+
+
+def _dims_match(a: int, b: int) -> bool:
+    return a == DYN or b == DYN or a == b
+
+
+def _same_shape(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) and all(_dims_match(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join("?" if d == DYN else str(d) for d in shape) or "scalar"
+
+
+class _Op(IRDLOperation):
+    """Base of dsv3 ops: properties print in the attribute dictionary, types as a functional type."""
+
+    irdl_options = (ParsePropInAttrDict(),)
+    assembly_format = _FORMAT
+
+    def fail(self, message: str) -> None:
+        raise VerifyException(f"'{self.name}' op {message}")
+
+    def expect(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.fail(message)
+
+    def int_prop(self, name: str) -> int:
+        attr = self.properties[name]
+        assert isinstance(attr, IntegerAttr)
+        return attr.value.data
+
+    def float_prop(self, name: str) -> float:
+        attr = self.properties[name]
+        assert isinstance(attr, FloatAttr | IntegerAttr)
+        return float(attr.value.data)
+
+    def str_prop(self, name: str) -> str:
+        attr = self.properties[name]
+        assert isinstance(attr, StringAttr)
+        return attr.data
+
+    def bool_prop(self, name: str) -> bool:
+        attr = self.properties[name]
+        assert isinstance(attr, IntegerAttr)
+        return bool(attr.value.data)
+
+    def opt_float_prop(self, name: str) -> float | None:
+        return self.float_prop(name) if name in self.properties else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Declarations and structure
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@irdl_op_definition
+class ParamOp(_Op):
+    """A model parameter. `axes` names each dimension logically (sharding rules map names to mesh axes);
+    `init` is `normal` (with `std`), `zeros` or `ones`; `trainable = false` marks state updated outside the gradient
+    (the router correction bias)."""
+
+    name = "dsv3.param"
+    param_name = prop_def(StringAttr, prop_name="name")
+    axes = prop_def(ArrayAttr[StringAttr])
+    init = prop_def(StringAttr)
+    std = opt_prop_def(FloatAttr)
+    trainable = prop_def(BoolAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+    assembly_format = "attr-dict `:` type($result)"
+
+    INITS: ClassVar[tuple[str, ...]] = ("normal", "zeros", "ones")
+
+    @property
+    def pname(self) -> str:
+        return self.param_name.data
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a.data for a in self.axes.data)
+
+    def verify_(self) -> None:
+        shape = shape_of(self.result)
+        self.expect(DYN not in shape, f"'{self.pname}': a parameter needs a static shape, got {_fmt(shape)}")
+        self.expect(
+            len(self.axis_names) == len(shape),
+            f"'{self.pname}': {len(self.axis_names)} axis names for a rank-{len(shape)} tensor",
+        )
+        self.expect(self.init.data in self.INITS, f"'{self.pname}': init must be one of {', '.join(self.INITS)}")
+        if self.init.data == "normal":
+            self.expect(self.std is not None and self.std.value.data > 0, f"'{self.pname}': normal init needs std > 0")
+
+
+@irdl_op_definition
+class OptimizerOp(_Op):
+    """AdamW hyper-parameters and learning-rate schedule; `decay_steps = 0` decays over the run's step count."""
+
+    name = "dsv3.optimizer"
+    kind = prop_def(StringAttr)
+    lr = prop_def(FloatAttr)
+    b1 = prop_def(FloatAttr)
+    b2 = prop_def(FloatAttr)
+    eps = prop_def(FloatAttr)
+    weight_decay = prop_def(FloatAttr)
+    clip = prop_def(FloatAttr)
+    moments = prop_def(StringAttr)
+    schedule = prop_def(StringAttr)
+    warmup = prop_def(IntegerAttr)
+    decay_steps = prop_def(IntegerAttr)
+    min_lr_ratio = prop_def(FloatAttr)
+    assembly_format = "attr-dict"
+
+    def verify_(self) -> None:
+        self.expect(self.kind.data == "adamw", f"unknown optimizer '{self.kind.data}' (only adamw)")
+        self.expect(self.schedule.data in ("cosine", "linear", "constant"), f"unknown schedule '{self.schedule.data}'")
+        self.expect(self.moments.data in ("f32", "bf16"), "moments must be f32 or bf16")
+        self.expect(self.float_prop("lr") > 0, "lr must be positive")
+
+
+@irdl_op_definition
+class YieldOp(_Op):
+    """Terminates a layer region: the first value is the carried hidden state, the rest are per-layer outputs that
+    the stack returns stacked along a leading `layers` axis."""
+
+    name = "dsv3.yield"
+    values = var_operand_def()
+    traits = traits_def(IsTerminator(), Pure())
+    assembly_format = "operands attr-dict `:` type(operands)"
+
+
+@irdl_op_definition
+class LayerStackOp(_Op):
+    """`count` identical layers applied in sequence. Operand 0 is the incoming hidden state; the other operands are
+    parameters stacked along a leading axis of size `count`; the region's block takes the hidden state and one layer's
+    slice of each parameter. Results: the final hidden state, then each per-layer output stacked."""
+
+    name = "dsv3.layer_stack"
+    operands_ = var_operand_def()
+    outputs = var_result_def()
+    body = region_def("single_block")
+    count = prop_def(IntegerAttr)
+    layer_kind = prop_def(StringAttr, prop_name="kind")
+    traits = traits_def(RecursiveMemoryEffect())
+    assembly_format = "operands attr-dict `:` functional-type(operands, results) $body"
+
+    def __init__(
+        self, hidden: SSAValue, params: Sequence[SSAValue], body: Region, count: int, kind: str,
+        result_types: Sequence[Attribute],
+    ):
+        super().__init__(
+            operands=[[hidden, *params]],
+            result_types=[list(result_types)],
+            regions=[body],
+            properties={"count": IntegerAttr(count, 64), "kind": StringAttr(kind)},
+        )
+
+    def verify_(self) -> None:
+        count = self.int_prop("count")
+        self.expect(count >= 1, "count must be at least 1")
+        block = self.body.block
+        args, operands = block.args, self.operands
+        self.expect(len(args) == len(operands), f"region takes {len(args)} values but the stack has {len(operands)}")
+        self.expect(args[0].type == operands[0].type, "the region's hidden-state argument must match operand 0")
+        for i, (arg, operand) in enumerate(zip(args[1:], operands[1:], strict=True), start=1):
+            stacked = shape_of(operand)
+            self.expect(
+                len(stacked) >= 1 and stacked[0] == count,
+                f"operand {i} ({_fmt(stacked)}) must be stacked along a leading axis of size count = {count}",
+            )
+            self.expect(
+                shape_of(arg) == stacked[1:],
+                f"region argument {i} has shape {_fmt(shape_of(arg))}, expected one layer of {_fmt(stacked)}",
+            )
+        terminator = block.last_op
+        self.expect(isinstance(terminator, YieldOp), "region must end with dsv3.yield")
+        assert terminator is not None
+        yielded = list(terminator.operands)
+        self.expect(len(yielded) == len(self.results), f"yields {len(yielded)} values for {len(self.results)} results")
+        self.expect(yielded[0].type == self.results[0].type, "the yielded hidden state must match result 0")
+        for i, (value, result) in enumerate(zip(yielded[1:], self.results[1:], strict=True), start=1):
+            self.expect(
+                shape_of(result) == (count, *shape_of(value)),
+                f"result {i} must stack the yielded {_fmt(shape_of(value))} to {count}x{_fmt(shape_of(value))}",
+            )
+
+
+@irdl_op_definition
+class OutputOp(_Op):
+    """Names a program output. With `weight`, the value is a scalar loss term: the training loss is the sum of
+    weight * value over all weighted outputs; the metric of a name is the mean of its outputs."""
+
+    name = "dsv3.output"
+    value = operand_def(TensorType)
+    output_name = prop_def(StringAttr, prop_name="name")
+    weight = opt_prop_def(FloatAttr)
+    assembly_format = "operands attr-dict `:` type(operands)"
+
+    def verify_(self) -> None:
+        if self.weight is not None:
+            self.expect(shape_of(self.value) == (), f"loss term '{self.output_name.data}' must be a scalar")
+
+
+@irdl_op_definition
+class BiasUpdateOp(_Op):
+    """Auxiliary-loss-free balancing: after each step, `b += rate * sign(mean(load) - load)` per layer, for the
+    non-trainable parameter `param` of shape [layers, experts] and the stacked expert load of the same shape."""
+
+    name = "dsv3.bias_update"
+    load = operand_def(TensorType)
+    param = prop_def(StringAttr)
+    rate = prop_def(FloatAttr)
+    assembly_format = "operands attr-dict `:` type(operands)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@irdl_op_definition
+class TokenWindowOp(_Op):
+    """From a token batch [B, T], the window [B, T-1] starting at `offset`, with a float mask that is 0 where the
+    window runs past the end (multi-token prediction targets)."""
+
+    name = "dsv3.token_window"
+    tokens = operand_def(TensorType)
+    offset = prop_def(IntegerAttr)
+    ids = result_def(TensorType)
+    mask = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class PositionsOp(_Op):
+    """Absolute positions [B, S] of a token window, for RoPE."""
+
+    name = "dsv3.positions"
+    ids = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class EmbedOp(_Op):
+    """Row lookup of `ids` in the table [vocab, dim], cast to the result's (compute) dtype."""
+
+    name = "dsv3.embed"
+    table = operand_def(TensorType)
+    ids = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(shape_of(self.result)[-1] == shape_of(self.table)[-1], "result width must equal the table's dim")
+
+
+@irdl_op_definition
+class RMSNormOp(_Op):
+    """x / sqrt(mean(x^2) + eps) * w over the last axis, computed in float32."""
+
+    name = "dsv3.rms_norm"
+    x = operand_def(TensorType)
+    weight = operand_def(TensorType)
+    eps = prop_def(FloatAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        width = shape_of(self.x)[-1]
+        self.expect(shape_of(self.weight) == (width,), f"weight must have shape {width}, got {_fmt(shape_of(self.weight))}")
+        self.expect(self.float_prop("eps") > 0, "eps must be positive")
+
+
+@irdl_op_definition
+class MatmulOp(_Op):
+    """x[..., k] @ w[k, n]: a Linear layer. The weight is cast to x's dtype; accumulation and the result use the
+    result type's dtype (float32 for the output head)."""
+
+    name = "dsv3.matmul"
+    x = operand_def(TensorType)
+    w = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        xs, ws, rs = shape_of(self.x), shape_of(self.w), shape_of(self.result)
+        self.expect(len(ws) == 2, f"weight must be 2-D, got {_fmt(ws)}")
+        self.expect(_dims_match(xs[-1], ws[0]), f"contracts {_fmt(xs)} with {_fmt(ws)}: {xs[-1]} != {ws[0]}")
+        self.expect(_same_shape(rs, (*xs[:-1], ws[1])), f"result {_fmt(rs)} should be {_fmt((*xs[:-1], ws[1]))}")
+
+
+@irdl_op_definition
+class TransposeOp(_Op):
+    """Swaps the two axes of a 2-D parameter (the tied output head reads the embedding table transposed)."""
+
+    name = "dsv3.transpose"
+    x = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(shape_of(self.result) == tuple(reversed(shape_of(self.x))), "result must be the transposed shape")
+
+
+@irdl_op_definition
+class SplitHeadsOp(_Op):
+    """[..., heads*d] -> [..., heads, d]."""
+
+    name = "dsv3.split_heads"
+    x = operand_def(TensorType)
+    heads = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        xs, rs, h = shape_of(self.x), shape_of(self.result), self.int_prop("heads")
+        self.expect(xs[-1] % h == 0, f"width {xs[-1]} does not split into {h} heads")
+        self.expect(_same_shape(rs, (*xs[:-1], h, xs[-1] // h)), f"result {_fmt(rs)} does not match {h} heads")
+
+
+@irdl_op_definition
+class MergeHeadsOp(_Op):
+    """[..., heads, d] -> [..., heads*d]."""
+
+    name = "dsv3.merge_heads"
+    x = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        xs, rs = shape_of(self.x), shape_of(self.result)
+        self.expect(_same_shape(rs, (*xs[:-2], xs[-2] * xs[-1])), f"result {_fmt(rs)} should be the merged heads")
+
+
+@irdl_op_definition
+class SliceOp(_Op):
+    """x[..., start:start+size] on the last axis (splits q into nope/rope parts, kv into latent/rope key)."""
+
+    name = "dsv3.slice"
+    x = operand_def(TensorType)
+    start = prop_def(IntegerAttr)
+    size = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        xs, start, size = shape_of(self.x), self.int_prop("start"), self.int_prop("size")
+        self.expect(start >= 0 and size > 0 and start + size <= xs[-1], f"[{start}:{start + size}] is outside {xs[-1]}")
+        self.expect(_same_shape(shape_of(self.result), (*xs[:-1], size)), "result width must equal size")
+
+
+@irdl_op_definition
+class ConcatOp(_Op):
+    """Concatenation on the last axis."""
+
+    name = "dsv3.concat"
+    a = operand_def(TensorType)
+    b = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(shape_of(self.result)[-1] == shape_of(self.a)[-1] + shape_of(self.b)[-1], "widths must add up")
+
+
+@irdl_op_definition
+class RopeOp(_Op):
+    """Rotary embedding of the last axis of x [B, S, ..., d] at `positions` [B, S]. `layout` is `interleaved`
+    (pairs 2i, 2i+1) or `half` (pairs i, i+d/2). With `yarn_factor`, frequencies are YaRN-interpolated and cos/sin
+    scaled by mscale(factor, mscale)/mscale(factor, mscale_all_dim), as HF transformers does."""
+
+    name = "dsv3.rope"
+    x = operand_def(TensorType)
+    positions = operand_def(TensorType)
+    theta = prop_def(FloatAttr)
+    layout = prop_def(StringAttr)
+    yarn_factor = opt_prop_def(FloatAttr)
+    yarn_original_len = opt_prop_def(IntegerAttr)
+    yarn_beta_fast = opt_prop_def(FloatAttr)
+    yarn_beta_slow = opt_prop_def(FloatAttr)
+    yarn_mscale = opt_prop_def(FloatAttr)
+    yarn_mscale_all_dim = opt_prop_def(FloatAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(shape_of(self.x)[-1] % 2 == 0, "the rotated width must be even")
+        self.expect(self.layout.data in ("interleaved", "half"), "layout must be interleaved or half")
+        if self.yarn_factor is not None:
+            self.expect(self.yarn_original_len is not None, "yarn_factor needs yarn_original_len")
+
+
+@irdl_op_definition
+class AttentionOp(_Op):
+    """Causal MLA attention core: scores = (q_nope . k_nope + q_pe . k_pe) * scale, softmax in float32, weighted sum
+    of v. q_nope [B,S,H,n], q_pe [B,S,H,r], k_nope [B,S,H,n], k_pe [B,S,r] (one rope key shared by all heads),
+    v [B,S,H,dv] -> [B,S,H,dv]."""
+
+    name = "dsv3.attention"
+    q_nope = operand_def(TensorType)
+    q_pe = operand_def(TensorType)
+    k_nope = operand_def(TensorType)
+    k_pe = operand_def(TensorType)
+    v = operand_def(TensorType)
+    scale = prop_def(FloatAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        qn, qp, kn, kp, v = (shape_of(x) for x in (self.q_nope, self.q_pe, self.k_nope, self.k_pe, self.v))
+        self.expect(len(qn) == 4 and len(kp) == 3, "q/k/v must be [B,S,H,d] and k_pe [B,S,r]")
+        self.expect(qn[2] == kn[2] == v[2] == qp[2], "q, k and v must have the same number of heads")
+        self.expect(qn[3] == kn[3], f"q_nope width {qn[3]} != k_nope width {kn[3]}")
+        self.expect(qp[3] == kp[2], f"q_pe width {qp[3]} != k_pe width {kp[2]}")
+        self.expect(_same_shape(shape_of(self.result), v), "result must have v's shape")
+
+
+@irdl_op_definition
+class SwiGLUOp(_Op):
+    """silu(gate) * up."""
+
+    name = "dsv3.swiglu"
+    gate = operand_def(TensorType)
+    up = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(_same_shape(shape_of(self.gate), shape_of(self.up)), "gate and up must have the same shape")
+
+
+@irdl_op_definition
+class AddOp(_Op):
+    """Elementwise sum (residual connections)."""
+
+    name = "dsv3.add"
+    a = operand_def(TensorType)
+    b = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(_same_shape(shape_of(self.a), shape_of(self.b)), "operands must have the same shape")
+
+
+@irdl_op_definition
+class SumOp(_Op):
+    """Sum of all elements, as a float32 scalar."""
+
+    name = "dsv3.sum"
+    x = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class RouterOp(_Op):
+    """DeepSeekMoE gate. scores = score_fn(x @ w) [B,S,E]; experts are chosen on scores + bias, first keeping the
+    `keep_groups` best of `groups` expert groups (a group's score is the sum of its top-2 biased scores); gate weights
+    are the unbiased scores of the chosen experts, normalised to sum 1 when `normalize`, times `scale`.
+    Results: weights [B,S,k] f32, indices [B,S,k] i32, scores [B,S,E] f32."""
+
+    name = "dsv3.router"
+    x = operand_def(TensorType)
+    w = operand_def(TensorType)
+    bias = operand_def(TensorType)
+    score = prop_def(StringAttr)
+    top_k = prop_def(IntegerAttr)
+    groups = prop_def(IntegerAttr)
+    keep_groups = prop_def(IntegerAttr)
+    scale = prop_def(FloatAttr)
+    normalize = prop_def(BoolAttr)
+    weights = result_def(TensorType)
+    indices = result_def(TensorType)
+    scores = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        ws = shape_of(self.w)
+        self.expect(len(ws) == 2 and _dims_match(ws[0], shape_of(self.x)[-1]), "gate weight must be [dim, experts]")
+        experts, k = ws[1], self.int_prop("top_k")
+        groups, keep = self.int_prop("groups"), self.int_prop("keep_groups")
+        self.expect(shape_of(self.bias) == (experts,), f"bias must have shape {experts}")
+        self.expect(self.score.data in ("sigmoid", "softmax"), "score must be sigmoid or softmax")
+        self.expect(0 < k <= experts, f"top_k = {k} must be in [1, {experts}]")
+        self.expect(groups >= 1 and experts % groups == 0, f"groups = {groups} must divide {experts} experts")
+        self.expect(1 <= keep <= groups, f"keep_groups = {keep} must be in [1, groups = {groups}]")
+        self.expect(k <= keep * experts // groups, f"top_k = {k} exceeds the {keep * experts // groups} kept experts")
+        for result, width in ((self.weights, k), (self.indices, k), (self.scores, experts)):
+            self.expect(shape_of(result)[-1] == width, f"result {_fmt(shape_of(result))} must end in {width} (top_k)")
+
+
+@irdl_op_definition
+class ExpertsOp(_Op):
+    """Routed SwiGLU experts, dropless: out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]).
+    w_gate, w_up [E, dim, hidden]; w_down [E, hidden, dim]."""
+
+    name = "dsv3.experts"
+    x = operand_def(TensorType)
+    weights = operand_def(TensorType)
+    indices = operand_def(TensorType)
+    w_gate = operand_def(TensorType)
+    w_up = operand_def(TensorType)
+    w_down = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        dim = shape_of(self.x)[-1]
+        g, u, d = shape_of(self.w_gate), shape_of(self.w_up), shape_of(self.w_down)
+        self.expect(len(g) == 3 and g == u, "w_gate and w_up must both be [experts, dim, hidden]")
+        self.expect(g[1] == dim, f"expert input width {g[1]} != {dim}")
+        self.expect(d == (g[0], g[2], dim), f"w_down must be [{g[0]}, {g[2]}, {dim}], got {_fmt(d)}")
+        self.expect(shape_of(self.weights)[-1] == shape_of(self.indices)[-1], "weights and indices disagree on top_k")
+
+
+@irdl_op_definition
+class BalanceLossOp(_Op):
+    """Sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences (REFERENCE.md section 3);
+    scores [B,S,E], indices [B,S,k] -> scalar."""
+
+    name = "dsv3.balance_loss"
+    scores = operand_def(TensorType)
+    indices = operand_def(TensorType)
+    alpha = prop_def(FloatAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class ExpertLoadOp(_Op):
+    """Tokens routed to each expert, [E] float32 (feeds the bias update and the load report)."""
+
+    name = "dsv3.expert_load"
+    indices = operand_def(TensorType)
+    experts = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(shape_of(self.result) == (self.int_prop("experts"),), "result must have one entry per expert")
+
+
+@irdl_op_definition
+class GradMaskOp(_Op):
+    """Identity forward; in backward, zeroes the gradient of every token whose feature-axis RMS exceeds
+    `threshold` (MaxText's per-token gradient mask)."""
+
+    name = "dsv3.grad_mask"
+    x = operand_def(TensorType)
+    threshold = prop_def(FloatAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class CrossEntropyOp(_Op):
+    """Mean token cross-entropy of float32 logits [B,S,V] against labels [B,S], over tokens where mask is 1."""
+
+    name = "dsv3.cross_entropy"
+    logits = operand_def(TensorType)
+    labels = operand_def(TensorType)
+    mask = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+
+DSV3 = Dialect(
+    "dsv3",
+    [
+        ParamOp, OptimizerOp, YieldOp, LayerStackOp, OutputOp, BiasUpdateOp, TokenWindowOp, PositionsOp, EmbedOp,
+        RMSNormOp, MatmulOp, TransposeOp, SplitHeadsOp, MergeHeadsOp, SliceOp, ConcatOp, RopeOp, AttentionOp,
+        SwiGLUOp, AddOp, SumOp, RouterOp, ExpertsOp, BalanceLossOp, ExpertLoadOp, GradMaskOp, CrossEntropyOp,
+    ],
+    [],
+)
+
+
+def walk_params(root: Operation) -> list[ParamOp]:
+    """Every parameter declared under `root`, in program order."""
+    return [op for op in root.walk() if isinstance(op, ParamOp)]

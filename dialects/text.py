@@ -1,0 +1,70 @@
+"""Reading and writing dsv3 IR as text, with errors that point into the file.
+
+xDSL reports parse errors with a span but verification errors only with the op; `parse_ir` remembers where each op
+was read so that a verifier's complaint about a hand-edited file comes back as `PATH:LINE:COL: error: ...`.
+"""
+
+from __future__ import annotations
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import Builtin, ModuleOp
+from xdsl.dialects.func import Func
+from xdsl.ir import Operation
+from xdsl.parser import Parser
+from xdsl.utils.exceptions import DiagnosticException, ParseError, VerifyException
+
+from ..frontend.errors import SpecError
+from .dsv3 import DSV3
+
+
+def make_context() -> Context:
+    """A context with the dialects a dsv3 program uses."""
+    ctx = Context()
+    for dialect in (Builtin, Func, DSV3):
+        ctx.load_dialect(dialect)
+    return ctx
+
+
+class _PositionRecordingParser(Parser):
+    """A parser that remembers the (line, col) at which each operation starts."""
+
+    def __init__(self, ctx: Context, text: str, name: str):
+        super().__init__(ctx, text, name)
+        self.positions: dict[int, tuple[int, int]] = {}
+        self._text = text
+
+    def parse_operation(self) -> Operation:
+        start = self._current_token.span.start
+        op = super().parse_operation()
+        line = self._text.count("\n", 0, start) + 1
+        col = start - (self._text.rfind("\n", 0, start) + 1) + 1
+        self.positions[id(op)] = (line, col)
+        return op
+
+
+def parse_ir(text: str, path: str = "<string>") -> ModuleOp:
+    """Parses and verifies dsv3 IR; any problem raises `SpecError` positioned at the offending text."""
+    parser = _PositionRecordingParser(make_context(), text, path)
+    try:
+        module = parser.parse_module()
+    except ParseError as err:
+        loc = err.span.get_location()
+        raise SpecError(err.msg, path, loc.line, loc.col) from None
+    verify_ir(module, path, parser.positions)
+    return module
+
+
+def verify_ir(module: ModuleOp, path: str = "<ir>", positions: dict[int, tuple[int, int]] | None = None) -> None:
+    """Verifies every op innermost first, so the message names the op that is actually wrong."""
+    for op in reversed(list(module.walk())):
+        try:
+            op.verify()
+        except (VerifyException, DiagnosticException) as err:
+            line, col = (positions or {}).get(id(op), (0, 0))
+            message = str(err).strip().splitlines()[0] if str(err).strip() else f"invalid '{op.name}'"
+            raise SpecError(message, path, line, col) from None
+
+
+def print_ir(module: Operation) -> str:
+    """The textual form that `parse_ir` reads back to an identical module."""
+    return str(module) + "\n"

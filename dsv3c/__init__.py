@@ -1,0 +1,15 @@
+"""dsv3c: a compiler for DeepSeek-V3-family models.
+
+Text (`.dsv3`) -> typed spec -> dsv3 IR (xDSL) -> passes -> JAX -> StableHLO -> XLA. This module is the public face;
+everything a user needs is re-exported here.
+"""
+
+from .frontend.builder import build_ir
+from .frontend.errors import SpecError, UserError
+from .frontend.parser import load, parse
+from .frontend.spec import ModelSpec
+from .program import Program, compile, write_dumps
+
+__all__ = [
+    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "load", "parse", "write_dumps",
+]

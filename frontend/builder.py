@@ -1,0 +1,396 @@
+"""Builds dsv3 IR from a validated `ModelSpec`.
+
+Every decision that the spec implies (per-parameter init std, the softmax scale with YaRN's mscale, which layers are
+dense, the loss weights) is made here once and written into the IR as plain numbers, so the lowering needs nothing
+but the IR and a hand-edited IR file means exactly what it says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from xdsl.dialects.builtin import (
+    ArrayAttr,
+    BFloat16Type,
+    BoolAttr,
+    Float16Type,
+    Float32Type,
+    FloatAttr,
+    IntegerAttr,
+    IntegerType,
+    ModuleOp,
+    StringAttr,
+    TensorType,
+    f64,
+)
+from xdsl.dialects.func import FuncOp, ReturnOp
+from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
+
+from ..dialects import dsv3
+from .spec import AttentionSpec, ModelSpec, MoESpec
+
+DYN = dsv3.DYN
+F32 = Float32Type()
+I32 = IntegerType(32)
+_DTYPES: dict[str, Attribute] = {"f32": F32, "bf16": BFloat16Type(), "f16": Float16Type()}
+
+
+def _attr(value: object) -> Attribute:
+    if isinstance(value, Attribute):
+        return value
+    if isinstance(value, bool):
+        return BoolAttr.from_bool(value)
+    if isinstance(value, int):
+        return IntegerAttr(value, 64)
+    if isinstance(value, float):
+        return FloatAttr(value, f64)
+    if isinstance(value, str):
+        return StringAttr(value)
+    if isinstance(value, list | tuple):
+        return ArrayAttr([_attr(v) for v in value])
+    raise TypeError(f"no attribute for {value!r}")
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """One layer's parameter before stacking: local name, shape, logical axes and init."""
+
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"
+    std: float | None = None
+    trainable: bool = True
+
+
+class _Emitter:
+    """Appends ops to a block; a thin convenience over `Op.build`."""
+
+    def __init__(self, block: Block, spec: ModelSpec):
+        self.block = block
+        self.spec = spec
+        self.cdt = _DTYPES[spec.dtypes.compute]
+        self.pdt = _DTYPES[spec.dtypes.params]
+
+    def op(self, cls: type[dsv3._Op], operands: Sequence[SSAValue], results: Sequence[Attribute], **props) -> Operation:
+        op = cls.build(
+            operands=list(operands),
+            result_types=list(results),
+            properties={k: _attr(v) for k, v in props.items() if v is not None},
+        )
+        self.block.add_op(op)
+        return op
+
+    def one(self, cls: type[dsv3._Op], operands: Sequence[SSAValue], result: Attribute, **props) -> SSAValue:
+        return self.op(cls, operands, [result], **props).results[0]
+
+    def act(self, *dims: int, dtype: Attribute | None = None) -> TensorType:
+        """Type of an activation [B, S, *dims]."""
+        return TensorType(dtype or self.cdt, [DYN, DYN, *dims])
+
+    def param(self, decl: ParamDecl, prefix: str = "", stack: int = 0) -> SSAValue:
+        shape = (stack, *decl.shape) if stack else decl.shape
+        axes = ("layers", *decl.axes) if stack else decl.axes
+        return self.one(
+            dsv3.ParamOp, [], TensorType(self.pdt, shape),
+            name=f"{prefix}{decl.name}", axes=list(axes), init=decl.init, std=decl.std, trainable=decl.trainable,
+        )
+
+    # -- shared pieces ------------------------------------------------------------------------------------------
+
+    def rms_norm(self, x: SSAValue, w: SSAValue) -> SSAValue:
+        return self.one(dsv3.RMSNormOp, [x, w], x.type, eps=self.spec.norm_eps)
+
+    def matmul(self, x: SSAValue, w: SSAValue, dtype: Attribute | None = None) -> SSAValue:
+        out = dsv3.shape_of(w)[-1]
+        xs = dsv3.shape_of(x)
+        return self.one(dsv3.MatmulOp, [x, w], TensorType(dtype or self.cdt, [*xs[:-1], out]))
+
+    def slice(self, x: SSAValue, start: int, size: int) -> SSAValue:
+        xs = dsv3.shape_of(x)
+        return self.one(dsv3.SliceOp, [x], TensorType(self.cdt, [*xs[:-1], size]), start=start, size=size)
+
+    def swiglu_ffn(self, x: SSAValue, gate: SSAValue, up: SSAValue, down: SSAValue) -> SSAValue:
+        g, u = self.matmul(x, gate), self.matmul(x, up)
+        return self.matmul(self.one(dsv3.SwiGLUOp, [g, u], g.type), down)
+
+    def add(self, a: SSAValue, b: SSAValue) -> SSAValue:
+        return self.one(dsv3.AddOp, [a, b], a.type)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer parameter lists
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _std(spec: ModelSpec, mla: bool = False, output: bool = False) -> float:
+    if mla and spec.init.mla_std is not None:
+        std = spec.init.mla_std
+        return std / math.sqrt(2 * spec.layers) if output else std
+    return spec.init.std
+
+
+def attention_params(spec: ModelSpec) -> list[ParamDecl]:
+    a, d = spec.attention, spec.dim
+    qk = a.nope_dim + a.rope_dim
+    mla = _std(spec, mla=True)
+    decls = [ParamDecl("attn_norm", (d,), ("embed",), "ones")]
+    if a.q_lora_rank:
+        decls += [
+            ParamDecl("wq_a", (d, a.q_lora_rank), ("embed", "q_lora"), std=mla),
+            ParamDecl("q_norm", (a.q_lora_rank,), ("q_lora",), "ones"),
+            ParamDecl("wq_b", (a.q_lora_rank, a.heads * qk), ("q_lora", "q_heads"), std=mla),
+        ]
+    else:
+        decls.append(ParamDecl("wq", (d, a.heads * qk), ("embed", "q_heads"), std=mla))
+    decls += [
+        ParamDecl("wkv_a", (d, a.kv_lora_rank + a.rope_dim), ("embed", "kv_lora"), std=mla),
+        ParamDecl("kv_norm", (a.kv_lora_rank,), ("kv_lora",), "ones"),
+        ParamDecl("wkv_b", (a.kv_lora_rank, a.heads * (a.nope_dim + a.v_dim)), ("kv_lora", "kv_heads"), std=mla),
+        ParamDecl("wo", (a.heads * a.v_dim, d), ("heads", "embed"), std=_std(spec, mla=True, output=True)),
+        ParamDecl("ffn_norm", (d,), ("embed",), "ones"),
+    ]
+    return decls
+
+
+def dense_ffn_params(spec: ModelSpec) -> list[ParamDecl]:
+    assert spec.dense_ffn is not None
+    d, f, std = spec.dim, spec.dense_ffn.hidden, spec.init.std
+    return [
+        ParamDecl("ffn_gate", (d, f), ("embed", "mlp"), std=std),
+        ParamDecl("ffn_up", (d, f), ("embed", "mlp"), std=std),
+        ParamDecl("ffn_down", (f, d), ("mlp", "embed"), std=std),
+    ]
+
+
+def moe_params(spec: ModelSpec) -> list[ParamDecl]:
+    m = spec.moe
+    assert m is not None
+    d, e, f, std = spec.dim, m.experts, m.hidden, spec.init.std
+    decls = [
+        ParamDecl("router", (d, e), ("embed", "exp"), std=std),
+        ParamDecl("router_bias", (e,), ("exp",), "zeros", trainable=False),
+        ParamDecl("experts_gate", (e, d, f), ("exp", "embed", "mlp"), std=std),
+        ParamDecl("experts_up", (e, d, f), ("exp", "embed", "mlp"), std=std),
+        ParamDecl("experts_down", (e, f, d), ("exp", "mlp", "embed"), std=std),
+    ]
+    if m.shared:
+        fs = m.shared * f
+        decls += [
+            ParamDecl("shared_gate", (d, fs), ("embed", "mlp"), std=std),
+            ParamDecl("shared_up", (d, fs), ("embed", "mlp"), std=std),
+            ParamDecl("shared_down", (fs, d), ("mlp", "embed"), std=std),
+        ]
+    return decls
+
+
+def softmax_scale(a: AttentionSpec) -> float:
+    """(nope + rope)^-0.5, times mscale^2 when YaRN extends the context (REFERENCE.md section 2)."""
+    scale = (a.nope_dim + a.rope_dim) ** -0.5
+    yarn = a.rope.yarn
+    if yarn is not None and yarn.mscale_all_dim and yarn.factor > 1:
+        m = 0.1 * yarn.mscale_all_dim * math.log(yarn.factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer, emitted into a region block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _LayerEmitter(_Emitter):
+    def __init__(self, block: Block, spec: ModelSpec, params: dict[str, SSAValue], positions: SSAValue):
+        super().__init__(block, spec)
+        self.p = params
+        self.positions = positions
+
+    def rope(self, x: SSAValue) -> SSAValue:
+        r = self.spec.attention.rope
+        y = r.yarn
+        return self.one(
+            dsv3.RopeOp, [x, self.positions], x.type,
+            theta=float(r.theta), layout=r.layout,
+            yarn_factor=None if y is None else float(y.factor),
+            yarn_original_len=None if y is None else int(y.original_len),
+            yarn_beta_fast=None if y is None else float(y.beta_fast),
+            yarn_beta_slow=None if y is None else float(y.beta_slow),
+            yarn_mscale=None if y is None else float(y.mscale),
+            yarn_mscale_all_dim=None if y is None else float(y.mscale_all_dim),
+        )
+
+    def split_heads(self, x: SSAValue) -> SSAValue:
+        h = self.spec.attention.heads
+        width = dsv3.shape_of(x)[-1]
+        return self.one(dsv3.SplitHeadsOp, [x], TensorType(self.cdt, [DYN, DYN, h, width // h]), heads=h)
+
+    def attention(self, h: SSAValue) -> SSAValue:
+        a, p = self.spec.attention, self.p
+        x = self.rms_norm(h, p["attn_norm"])
+        if a.q_lora_rank:
+            q = self.matmul(self.rms_norm(self.matmul(x, p["wq_a"]), p["q_norm"]), p["wq_b"])
+        else:
+            q = self.matmul(x, p["wq"])
+        q = self.split_heads(q)
+        q_nope = self.slice(q, 0, a.nope_dim)
+        q_pe = self.rope(self.slice(q, a.nope_dim, a.rope_dim))
+        kv = self.matmul(x, p["wkv_a"])
+        c_kv = self.rms_norm(self.slice(kv, 0, a.kv_lora_rank), p["kv_norm"])
+        k_pe = self.rope(self.slice(kv, a.kv_lora_rank, a.rope_dim))
+        kv_up = self.split_heads(self.matmul(c_kv, p["wkv_b"]))
+        k_nope = self.slice(kv_up, 0, a.nope_dim)
+        v = self.slice(kv_up, a.nope_dim, a.v_dim)
+        o = self.one(dsv3.AttentionOp, [q_nope, q_pe, k_nope, k_pe, v], v.type, scale=softmax_scale(a))
+        o = self.one(dsv3.MergeHeadsOp, [o], self.act(a.heads * a.v_dim))
+        return self.add(h, self.matmul(o, p["wo"]))
+
+    def moe(self, x: SSAValue, m: MoESpec) -> tuple[SSAValue, SSAValue, SSAValue]:
+        p = self.p
+        k, e = m.top_k, m.experts
+        router = self.op(
+            dsv3.RouterOp, [x, p["router"], p["router_bias"]],
+            [self.act(k, dtype=F32), self.act(k, dtype=I32), self.act(e, dtype=F32)],
+            score=m.score, top_k=k, groups=m.groups, keep_groups=m.keep_groups, scale=float(m.scale),
+            normalize=m.normalize,
+        )
+        weights, indices, scores = router.results
+        y = self.one(
+            dsv3.ExpertsOp, [x, weights, indices, p["experts_gate"], p["experts_up"], p["experts_down"]], x.type
+        )
+        if m.shared:
+            y = self.add(y, self.swiglu_ffn(x, p["shared_gate"], p["shared_up"], p["shared_down"]))
+        balance = self.one(dsv3.BalanceLossOp, [scores, indices], TensorType(F32, []), alpha=float(m.seq_aux))
+        load = self.one(dsv3.ExpertLoadOp, [indices], TensorType(F32, [e]), experts=e)
+        return y, balance, load
+
+    def layer(self, h: SSAValue, kind: str) -> list[SSAValue]:
+        """Pre-norm residual layer: h + attn(norm(h)), then + ffn(norm(.)). Returns what the region yields."""
+        h = self.attention(h)
+        x = self.rms_norm(h, self.p["ffn_norm"])
+        extra: list[SSAValue] = []
+        if kind == "dense":
+            y = self.swiglu_ffn(x, self.p["ffn_gate"], self.p["ffn_up"], self.p["ffn_down"])
+        else:
+            assert self.spec.moe is not None
+            y, balance, load = self.moe(x, self.spec.moe)
+            extra = [balance, load]
+        h = self.add(h, y)
+        if self.spec.grad_mask_threshold is not None:
+            h = self.one(dsv3.GradMaskOp, [h], h.type, threshold=float(self.spec.grad_mask_threshold))
+        return [h, *extra]
+
+
+def layer_params(spec: ModelSpec, kind: str) -> list[ParamDecl]:
+    ffn = dense_ffn_params(spec) if kind == "dense" else moe_params(spec)
+    return attention_params(spec) + ffn
+
+
+def _emit_stack(
+    em: _Emitter, h: SSAValue, positions: SSAValue, kind: str, prefix: str, count: int
+) -> list[SSAValue]:
+    """Declares the stacked parameters of `count` layers and the `dsv3.layer_stack` applying them."""
+    decls = layer_params(em.spec, kind)
+    stacked = [em.param(d, prefix, stack=count) for d in decls]
+    block = Block(arg_types=[h.type, *(TensorType(em.pdt, d.shape) for d in decls)])
+    names = {d.name: arg for d, arg in zip(decls, block.args[1:], strict=True)}
+    yielded = _LayerEmitter(block, em.spec, names, positions).layer(block.args[0], kind)
+    block.add_op(dsv3.YieldOp.build(operands=[yielded]))
+    result_types = [h.type] + [TensorType(v.type.element_type, [count, *dsv3.shape_of(v)]) for v in yielded[1:]]
+    stack = dsv3.LayerStackOp(h, stacked, Region(block), count, kind, result_types)
+    em.block.add_op(stack)
+    return list(stack.results)
+
+
+def _emit_moe_outputs(em: _Emitter, balance: SSAValue, load: SSAValue, bias_param: str, prefix: str) -> None:
+    """The balance loss (summed over layers), the expert load and, when enabled, the router-bias update rule."""
+    m = em.spec.moe
+    assert m is not None
+    total = em.one(dsv3.SumOp, [balance], TensorType(F32, []))
+    em.op(dsv3.OutputOp, [total], [], name=f"{prefix}balance_loss", weight=1.0)
+    em.op(dsv3.OutputOp, [load], [], name=f"{prefix}expert_load")
+    if m.router_bias and m.bias_rate:
+        em.op(dsv3.BiasUpdateOp, [load], [], param=bias_param, rate=float(m.bias_rate))
+
+
+def build_ir(spec: ModelSpec) -> ModuleOp:
+    """The whole model as a dsv3 module: an optimizer declaration and `func.func @model(tokens)`."""
+    o = spec.optimizer
+    module = ModuleOp([])
+    module.body.block.add_op(
+        dsv3.OptimizerOp.build(
+            properties={
+                k: _attr(v)
+                for k, v in dict(
+                    kind=o.kind, lr=float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+                    weight_decay=float(o.weight_decay), clip=float(o.clip), moments=o.moments,
+                    schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
+                    min_lr_ratio=float(o.min_lr_ratio),
+                ).items()
+            }
+        )
+    )
+    func = FuncOp("model", ([TensorType(I32, [DYN, DYN])], []))
+    module.body.block.add_op(func)
+    block = func.body.block
+    em = _Emitter(block, spec)
+    tokens = block.args[0]
+    std = spec.init.std
+
+    mask_t = TensorType(F32, [DYN, DYN])
+    ids, _ = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=0).results
+    positions = em.one(dsv3.PositionsOp, [ids], TensorType(I32, [DYN, DYN]))
+    table = em.param(ParamDecl("embed", (spec.vocab, spec.dim), ("vocab", "embed"), std=std))
+    h = em.one(dsv3.EmbedOp, [table, ids], em.act(spec.dim))
+
+    if spec.dense_layers:
+        (h,) = _emit_stack(em, h, positions, "dense", "dense.", spec.dense_layers)
+    if spec.moe_layers:
+        h, balance, load = _emit_stack(em, h, positions, "moe", "moe.", spec.moe_layers)
+        _emit_moe_outputs(em, balance, load, "moe.router_bias", "")
+
+    final_norm = em.param(ParamDecl("final_norm", (spec.dim,), ("embed",), "ones"))
+    if spec.tied_head:
+        head = em.one(dsv3.TransposeOp, [table], TensorType(em.pdt, [spec.dim, spec.vocab]))
+    else:
+        head = em.param(ParamDecl("head", (spec.dim, spec.vocab), ("embed", "vocab"), std=std))
+    logits = em.matmul(em.rms_norm(h, final_norm), head, dtype=F32)
+    em.op(dsv3.OutputOp, [logits], [], name="logits")
+    labels, label_mask = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=1).results
+    lm_loss = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
+    em.op(dsv3.OutputOp, [lm_loss], [], name="lm_loss", weight=1.0)
+
+    _emit_mtp(em, h, table, head, positions)
+    block.add_op(ReturnOp())
+    return module
+
+
+def _emit_mtp(em: _Emitter, h: SSAValue, table: SSAValue, head: SSAValue, positions: SSAValue) -> None:
+    """Multi-token prediction: module k predicts token i+k+1 from the previous module's hidden state and the
+    embedding of token i+k, sharing the embedding and output head with the main model."""
+    spec = em.spec
+    depth, d = spec.mtp.depth, spec.dim
+    kind = "dense" if spec.moe is None else "moe"
+    mask_t = TensorType(F32, [DYN, DYN])
+    for k in range(1, depth + 1):
+        prefix = f"mtp.{k - 1}."
+        enorm = em.param(ParamDecl("enorm", (d,), ("embed",), "ones"), prefix)
+        hnorm = em.param(ParamDecl("hnorm", (d,), ("embed",), "ones"), prefix)
+        eh_proj = em.param(ParamDecl("eh_proj", (2 * d, d), ("mlp", "embed"), std=spec.init.std), prefix)
+        norm = em.param(ParamDecl("norm", (d,), ("embed",), "ones"), prefix)
+        tokens = em.block.args[0]
+        ids, _ = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=k).results
+        e = em.rms_norm(em.one(dsv3.EmbedOp, [table, ids], em.act(d)), enorm)
+        joined = em.one(dsv3.ConcatOp, [e, em.rms_norm(h, hnorm)], em.act(2 * d))
+        h = em.matmul(joined, eh_proj)
+        outs = _emit_stack(em, h, positions, kind, f"{prefix}block.", 1)
+        h = outs[0]
+        logits = em.matmul(em.rms_norm(h, norm), head, dtype=F32)
+        labels, label_mask = em.op(
+            dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=k + 1
+        ).results
+        ce = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
+        em.op(dsv3.OutputOp, [ce], [], name="mtp_loss", weight=spec.mtp.weight / depth)
+        if kind == "moe":
+            _emit_moe_outputs(em, outs[1], outs[2], f"{prefix}block.router_bias", "mtp_")

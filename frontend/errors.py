@@ -1,0 +1,26 @@
+"""User-facing errors that carry a source position."""
+
+from __future__ import annotations
+
+
+class SpecError(Exception):
+    """A bad `.dsv3` spec or dsv3 IR file: printed as `PATH:LINE:COL: error: MESSAGE`, exit code 2.
+
+    `line` and `col` are 1-based; 0 means the error has no position (then only the path is printed).
+    """
+
+    def __init__(self, message: str, path: str = "<string>", line: int = 0, col: int = 0):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.line = line
+        self.col = col
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.path}:{self.line}:{self.col}: error: {self.message}"
+        return f"{self.path}: error: {self.message}"
+
+
+class UserError(Exception):
+    """A user error with no source position (bad option, impossible target): `dsv3c: error: MESSAGE`, exit 2."""

@@ -1,0 +1,111 @@
+"""The training loop behind `dsv3c train`: data, steps, progress, checkpoints and resumption."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from ..frontend.errors import UserError
+from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int, batch: int, length: int) -> np.ndarray: ...
+
+
+@dataclass
+class TrainLog:
+    """Per-step scalar metrics of a run and the final expert-load balance (max/mean load per MoE layer)."""
+
+    steps: list[int] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    expert_load: np.ndarray | None = None
+    final_state: Any = None
+
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.metrics]
+
+
+def load_balance(expert_load: np.ndarray) -> np.ndarray:
+    """max/mean expert load per layer (1.0 is perfectly balanced)."""
+    load = np.asarray(expert_load, np.float64)
+    return load.max(axis=-1) / np.maximum(load.mean(axis=-1), 1e-9)
+
+
+def train(
+    prog: Any,
+    steps: int,
+    data: BatchSource,
+    seed: int = 0,
+    ckpt: str | Path | None = None,
+    resume: bool = False,
+    save_every: int = 100,
+    log_every: int = 10,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainLog:
+    """Trains `prog` (a train-mode Program) up to `steps` total steps. With `resume`, continues from the latest
+    checkpoint in `ckpt`. `stop_after` ends the run early after that many steps of this call (to simulate an
+    interruption). A KeyboardInterrupt saves the last completed step before re-raising."""
+    say = log or (lambda _msg: None)
+    state = prog.init_state(seed)
+    start = 0
+    if resume:
+        if ckpt is None:
+            raise UserError("--resume needs --ckpt DIR")
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            say(f"no checkpoint in {ckpt}: starting from step 0")
+        else:
+            state, meta = restore_checkpoint(found, prog.abstract_state())
+            start = int(meta["step"])
+            say(f"resumed from {found} at step {start}")
+    history = TrainLog()
+    tokens_per_step = prog.batch * prog.seq
+    clock, last_logged = time.perf_counter(), start
+    step = start
+    try:
+        while step < steps and (stop_after is None or step - start < stop_after):
+            batch = {"tokens": data.batch(step, prog.batch, prog.seq + 1)}
+            state, metrics = prog.train_step(state, batch)
+            step += 1
+            scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+            history.steps.append(step)
+            history.metrics.append(scalars)
+            if "expert_load" in metrics:
+                history.expert_load = np.asarray(metrics["expert_load"])
+            if step % log_every == 0 or step == steps:
+                now = time.perf_counter()
+                rate = tokens_per_step * (step - last_logged) / max(now - clock, 1e-9)
+                clock, last_logged = now, step
+                say(_progress_line(step, steps, scalars, rate, history.expert_load))
+            if ckpt is not None and step % save_every == 0:
+                save_checkpoint(ckpt, state, step)
+    except KeyboardInterrupt:
+        if ckpt is not None and step > start:
+            jax.block_until_ready(state)
+            save_checkpoint(ckpt, state, step)
+            say(f"interrupted: saved step {step} to {ckpt}")
+        raise
+    if ckpt is not None and step > start and step % save_every:
+        save_checkpoint(ckpt, state, step)
+    history.final_state = state
+    return history
+
+
+def _progress_line(step: int, steps: int, m: dict[str, float], tokens_per_s: float, load: np.ndarray | None) -> str:
+    parts = [f"step {step:>6}/{steps}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"]
+    if m.get("mtp_loss"):
+        parts.append(f"mtp {m['mtp_loss']:.4f}")
+    if m.get("balance_loss"):
+        parts.append(f"bal {m['balance_loss']:.2e}")
+    if load is not None:
+        parts.append(f"load max/mean {load_balance(load).mean():.2f}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    return "  ".join(parts)

@@ -1,0 +1,71 @@
+"""The table of lowering rules: one function per dsv3 op type, from JAX operands to JAX results.
+
+Lowering is an interpretation of the IR under a JAX trace: `lower_block` walks a block's ops in order, looks each
+op's rule up in `LOWERINGS`, and binds its results. Because it runs inside `jax.jit`, the result is one XLA program;
+nothing here reads a spec.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+from xdsl.dialects.func import ReturnOp
+from xdsl.ir import Block, Operation, SSAValue
+
+from ...dialects import dsv3
+
+Rule = Callable[[Any, Sequence[jax.Array], "LoweringContext"], Sequence[jax.Array]]
+LOWERINGS: dict[type[Operation], Rule] = {}
+
+
+def register_lowering(op_type: type[Operation]) -> Callable[[Rule], Rule]:
+    """Registers `rule` as the lowering of `op_type`."""
+
+    def register(rule: Rule) -> Rule:
+        LOWERINGS[op_type] = rule
+        return rule
+
+    return register
+
+
+@dataclass
+class LoweringContext:
+    """What rules share while one program is traced: the parameters by name, the named outputs collected so far,
+    the bias updates to apply after the step, and the environment of values in scope."""
+
+    params: dict[str, jax.Array]
+    outputs: list[tuple[str, jax.Array, float | None]] = field(default_factory=list)
+    bias_updates: list[tuple[str, jax.Array, float]] = field(default_factory=list)
+    env: MutableMapping[SSAValue, jax.Array] = field(default_factory=dict)
+
+
+class LoweringError(Exception):
+    """An op the lowering cannot handle (no rule registered, a parameter missing)."""
+
+
+def lower_block(block: Block, ctx: LoweringContext) -> list[jax.Array]:
+    """Evaluates `block` in `ctx.env`; returns the values of its terminator (empty for `func.return`)."""
+    for op in block.ops:
+        if isinstance(op, dsv3.YieldOp | ReturnOp):
+            return [ctx.env[v] for v in op.operands]
+        rule = LOWERINGS.get(type(op))
+        if rule is None:
+            raise LoweringError(f"no lowering registered for '{op.name}'")
+        results = rule(op, [ctx.env[v] for v in op.operands], ctx)
+        for value, result in zip(op.results, results, strict=True):
+            ctx.env[value] = result
+    return []
+
+
+def lower_region_block(block: Block, args: Sequence[jax.Array], ctx: LoweringContext) -> list[jax.Array]:
+    """Evaluates a nested block whose arguments are `args`, seeing the enclosing values too."""
+    outer = ctx.env
+    ctx.env = ChainMap(dict(zip(block.args, args, strict=True)), outer)
+    try:
+        return lower_block(block, ctx)
+    finally:
+        ctx.env = outer

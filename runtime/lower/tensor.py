@@ -1,0 +1,95 @@
+"""Lowering of the general tensor ops: token windows, embedding, matmul, reshapes, elementwise."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ...dialects import dsv3
+from .dtypes import result_dtype
+from .registry import register_lowering
+
+
+def token_window(tokens: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
+    """tokens [B, T] -> (tokens[:, offset:offset+T-1] zero-padded past the end, float mask of valid entries)."""
+    batch, total = tokens.shape
+    length = total - 1
+    padded = jnp.pad(tokens, ((0, 0), (0, offset)))
+    ids = padded[:, offset : offset + length]
+    mask = (jnp.arange(length) + offset < total).astype(jnp.float32)
+    return ids, jnp.broadcast_to(mask, (batch, length))
+
+
+@register_lowering(dsv3.TokenWindowOp)
+def _token_window(op: dsv3.TokenWindowOp, args, ctx):
+    return token_window(args[0], op.int_prop("offset"))
+
+
+@register_lowering(dsv3.PositionsOp)
+def _positions(op, args, ctx):
+    batch, length = args[0].shape
+    return [jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))]
+
+
+@register_lowering(dsv3.EmbedOp)
+def _embed(op: dsv3.EmbedOp, args, ctx):
+    table, ids = args
+    return [jnp.take(table, ids, axis=0).astype(result_dtype(op.result))]
+
+
+@register_lowering(dsv3.MatmulOp)
+def _matmul(op: dsv3.MatmulOp, args, ctx):
+    x, w = args
+    out = result_dtype(op.result)
+    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.promote_types(x.dtype, out))
+    return [y.astype(out)]
+
+
+@register_lowering(dsv3.TransposeOp)
+def _transpose(op, args, ctx):
+    return [args[0].T]
+
+
+@register_lowering(dsv3.SplitHeadsOp)
+def _split_heads(op: dsv3.SplitHeadsOp, args, ctx):
+    x = args[0]
+    heads = op.int_prop("heads")
+    return [x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)]
+
+
+@register_lowering(dsv3.MergeHeadsOp)
+def _merge_heads(op, args, ctx):
+    x = args[0]
+    return [x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])]
+
+
+@register_lowering(dsv3.SliceOp)
+def _slice(op: dsv3.SliceOp, args, ctx):
+    start, size = op.int_prop("start"), op.int_prop("size")
+    return [args[0][..., start : start + size]]
+
+
+@register_lowering(dsv3.ConcatOp)
+def _concat(op, args, ctx):
+    return [jnp.concatenate(args, axis=-1)]
+
+
+@register_lowering(dsv3.AddOp)
+def _add(op, args, ctx):
+    return [args[0] + args[1]]
+
+
+@register_lowering(dsv3.SumOp)
+def _sum(op, args, ctx):
+    return [jnp.sum(args[0].astype(jnp.float32))]
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, with the sigmoid in float32."""
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+@register_lowering(dsv3.SwiGLUOp)
+def _swiglu(op, args, ctx):
+    return [swiglu(*args)]

@@ -1,0 +1,63 @@
+"""The training step: forward, weighted losses, backward, AdamW, and the router-bias update outside the gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from xdsl.dialects.builtin import ModuleOp
+
+from .model import ModelOutputs, ParamInfo, run_model
+
+TrainState = dict[str, Any]
+
+
+def split_params(infos: dict[str, ParamInfo], params: dict[str, jax.Array]) -> TrainState:
+    """Trainable parameters go to the optimizer; the rest (router correction biases) are updated by rule."""
+    return {
+        "params": {k: v for k, v in params.items() if infos[k].trainable},
+        "router_bias": {k: v for k, v in params.items() if not infos[k].trainable},
+    }
+
+
+def apply_bias_updates(biases: dict[str, jax.Array], out: ModelOutputs) -> dict[str, jax.Array]:
+    """b += rate * sign(mean(load) - load), per layer: under-loaded experts become more attractive."""
+    biases = dict(biases)
+    for name, rate in out.bias_rates:
+        load = out.bias_loads[name]
+        mean = jnp.mean(load, axis=-1, keepdims=True)
+        biases[name] = (biases[name] + rate * jnp.sign(mean - load)).astype(biases[name].dtype)
+    return biases
+
+
+def make_train_step(
+    module: ModuleOp, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure step function (to be jitted): state, {"tokens": int32[B, S+1]} -> new state, metrics."""
+
+    def loss_fn(trainable, fixed, tokens):
+        out = run_model(module, {**trainable, **fixed}, tokens)
+        return out.loss, out
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["router_bias"], batch["tokens"]
+        )
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "router_bias": apply_bias_updates(state["router_bias"], out),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {k: v for k, v in out.metrics.items() if k != "logits"}
+        for name in ("lm_loss", "mtp_loss", "balance_loss"):
+            metrics.setdefault(name, jnp.zeros((), jnp.float32))
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return new_state, metrics
+
+    return step
