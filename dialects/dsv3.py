@@ -324,7 +324,8 @@ class RMSNormOp(_Op):
 
     def verify_(self) -> None:
         width = shape_of(self.x)[-1]
-        self.expect(shape_of(self.weight) == (width,), f"weight must have shape {width}, got {_fmt(shape_of(self.weight))}")
+        got = _fmt(shape_of(self.weight))
+        self.expect(shape_of(self.weight) == (width,), f"weight must have shape {width}, got {got}")
         self.expect(self.float_prop("eps") > 0, "eps must be positive")
 
 

@@ -89,6 +89,8 @@ def restore_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, 
         value = arrays[key]
         if key in meta["dtypes"]:
             value = value.view(np.dtype(meta["dtypes"][key]))
+        if leaf.shape == () and value.shape == (1,):  # safetensors stores scalars as one-element vectors
+            value = value.reshape(())
         if value.shape != leaf.shape:
             raise UserError(f"checkpoint {path}: '{key}' has shape {value.shape}, the model expects {leaf.shape}")
         restored.append(jax.numpy.asarray(value, dtype=leaf.dtype))

@@ -21,12 +21,17 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainLog:
-    """Per-step scalar metrics of a run and the final expert-load balance (max/mean load per MoE layer)."""
+    """Per-step scalar metrics and expert loads ([MoE layers, experts] per step) of a run, and its final state."""
 
     steps: list[int] = field(default_factory=list)
     metrics: list[dict[str, float]] = field(default_factory=list)
-    expert_load: np.ndarray | None = None
+    expert_loads: list[np.ndarray] = field(default_factory=list)
     final_state: Any = None
+
+    @property
+    def expert_load(self) -> np.ndarray | None:
+        """The expert load of the last step."""
+        return self.expert_loads[-1] if self.expert_loads else None
 
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics]
@@ -79,7 +84,7 @@ def train(
             history.steps.append(step)
             history.metrics.append(scalars)
             if "expert_load" in metrics:
-                history.expert_load = np.asarray(metrics["expert_load"])
+                history.expert_loads.append(np.asarray(metrics["expert_load"]))
             if step % log_every == 0 or step == steps:
                 now = time.perf_counter()
                 rate = tokens_per_step * (step - last_logged) / max(now - clock, 1e-9)

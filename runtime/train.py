@@ -57,7 +57,7 @@ def make_train_step(
         for name in ("lm_loss", "mtp_loss", "balance_loss"):
             metrics.setdefault(name, jnp.zeros((), jnp.float32))
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return new_state, metrics
 
     return step

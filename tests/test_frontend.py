@@ -114,7 +114,7 @@ def test_tiny() -> None:
     assert (moe.bias_rate, moe.seq_aux, moe.scale) == (0.01, 0.0001, 1.0)
     assert (spec.mtp.depth, spec.init.std, spec.dtypes.compute) == (1, 0.02, "f32")
     opt = spec.optimizer
-    assert (opt.lr, opt.b1, opt.b2, opt.weight_decay, opt.moments, opt.warmup) == (3e-3, 0.9, 0.95, 0.0, "f32", 10)
+    assert (opt.lr, opt.b1, opt.b2, opt.weight_decay, opt.moments, opt.warmup) == (1e-2, 0.9, 0.95, 0.0, "f32", 10)
     assert opt.eps == 1e-8  # not written: the dataclass default
 
 
