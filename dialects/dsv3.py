@@ -514,7 +514,8 @@ class SumOp(_Op):
 @irdl_op_definition
 class RouterOp(_Op):
     """DeepSeekMoE gate. scores = score_fn(x @ w) [B,S,E]; experts are chosen on scores + bias, first keeping the
-    `keep_groups` best of `groups` expert groups (a group's score is the sum of its top-2 biased scores); gate weights
+    `keep_groups` best of `groups` expert groups (a group's score is the sum of its top-2 biased scores with sigmoid
+    scores, as in V3, or its best score with softmax scores, as in V2); gate weights
     are the unbiased scores of the chosen experts, normalised to sum 1 when `normalize`, times `scale`.
     Results: weights [B,S,k] f32, indices [B,S,k] i32, scores [B,S,E] f32."""
 

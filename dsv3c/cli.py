@@ -54,11 +54,19 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     r = prog.report
     mem = r["memory_per_device_bytes"].get("total", 0)
     print(
-        f"{r['target']} {r['mode']} batch {r['batch']} seq {r['seq']}: "
-        f"{r['params_total'] / 1e9:.3f}B params ({r['params_active_per_token'] / 1e9:.3f}B active/token, "
-        f"MTP {r['params_mtp'] / 1e9:.3f}B), {r['flops_per_step']:.3e} FLOPs/step, {mem / 2**30:.2f} GiB/device"
+        f"{r['target']} {r['mode']} batch {r['batch']} seq {r['seq']}: {_count(r['params_total'])} params "
+        f"({_count(r['params_active_per_token'])} active/token, MTP {_count(r['params_mtp'])}), "
+        f"{r['flops_per_step']:.3e} FLOPs/step, {mem / 2**30:.2f} GiB/device"
     )
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count in the unit people quote: 671.026B, 15.9M, 289.1K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f}{unit}" if unit == "B" else f"{n / scale:.1f}{unit}"
+    return str(n)
 
 
 def _cmd_opt(args: argparse.Namespace) -> int:

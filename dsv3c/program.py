@@ -22,7 +22,7 @@ from .frontend.errors import UserError
 from .frontend.parser import load
 from .frontend.spec import ModelSpec
 from .pipeline import default_pipeline, run_pipeline
-from .report import collectives, count_params, flops, memory_report
+from .report import collectives, count_params, flops, memory_report, model_flops
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
 from .runtime.optimizer import make_optimizer
@@ -211,7 +211,8 @@ def compile(
         "params_mtp": counts["mtp_total"],
         "params_mtp_active_per_token": counts["mtp_active"],
         "memory_per_device_bytes": memory_report(compiled),
-        "flops_per_step": flops(compiled),
+        "flops_per_step": model_flops(module, batch, seq, train=mode == "train"),
+        "xla_flops_per_step": flops(compiled),
         "collectives": collectives(prog.compiled_text),
         "compile_seconds": seconds,
         "pipeline": spec,

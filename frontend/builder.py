@@ -65,6 +65,12 @@ class ParamDecl:
     trainable: bool = True
 
 
+def _named(value: SSAValue, name: str) -> SSAValue:
+    """Gives a value a readable SSA name in dumps (`%q_nope`); xDSL suffixes repeats (`%q_nope_1`)."""
+    value.name_hint = name.replace(".", "_")
+    return value
+
+
 class _Emitter:
     """Appends ops to a block; a thin convenience over `Op.build`."""
 
@@ -93,10 +99,11 @@ class _Emitter:
     def param(self, decl: ParamDecl, prefix: str = "", stack: int = 0) -> SSAValue:
         shape = (stack, *decl.shape) if stack else decl.shape
         axes = ("layers", *decl.axes) if stack else decl.axes
-        return self.one(
+        value = self.one(
             dsv3.ParamOp, [], TensorType(self.pdt, shape),
             name=f"{prefix}{decl.name}", axes=list(axes), init=decl.init, std=decl.std, trainable=decl.trainable,
         )
+        return _named(value, f"{prefix}{decl.name}")
 
     # -- shared pieces ------------------------------------------------------------------------------------------
 
@@ -230,21 +237,22 @@ class _LayerEmitter(_Emitter):
         a, p = self.spec.attention, self.p
         x = self.rms_norm(h, p["attn_norm"])
         if a.q_lora_rank:
-            q = self.matmul(self.rms_norm(self.matmul(x, p["wq_a"]), p["q_norm"]), p["wq_b"])
+            c_q = _named(self.rms_norm(self.matmul(x, p["wq_a"]), p["q_norm"]), "c_q")
+            q = self.matmul(c_q, p["wq_b"])
         else:
             q = self.matmul(x, p["wq"])
-        q = self.split_heads(q)
-        q_nope = self.slice(q, 0, a.nope_dim)
-        q_pe = self.rope(self.slice(q, a.nope_dim, a.rope_dim))
-        kv = self.matmul(x, p["wkv_a"])
-        c_kv = self.rms_norm(self.slice(kv, 0, a.kv_lora_rank), p["kv_norm"])
-        k_pe = self.rope(self.slice(kv, a.kv_lora_rank, a.rope_dim))
+        q = _named(self.split_heads(q), "q")
+        q_nope = _named(self.slice(q, 0, a.nope_dim), "q_nope")
+        q_pe = _named(self.rope(self.slice(q, a.nope_dim, a.rope_dim)), "q_pe")
+        kv = _named(self.matmul(x, p["wkv_a"]), "kv")
+        c_kv = _named(self.rms_norm(self.slice(kv, 0, a.kv_lora_rank), p["kv_norm"]), "c_kv")
+        k_pe = _named(self.rope(self.slice(kv, a.kv_lora_rank, a.rope_dim)), "k_pe")
         kv_up = self.split_heads(self.matmul(c_kv, p["wkv_b"]))
-        k_nope = self.slice(kv_up, 0, a.nope_dim)
-        v = self.slice(kv_up, a.nope_dim, a.v_dim)
+        k_nope = _named(self.slice(kv_up, 0, a.nope_dim), "k_nope")
+        v = _named(self.slice(kv_up, a.nope_dim, a.v_dim), "v")
         o = self.one(dsv3.AttentionOp, [q_nope, q_pe, k_nope, k_pe, v], v.type, scale=softmax_scale(a))
-        o = self.one(dsv3.MergeHeadsOp, [o], self.act(a.heads * a.v_dim))
-        return self.add(h, self.matmul(o, p["wo"]))
+        o = self.one(dsv3.MergeHeadsOp, [_named(o, "attn")], self.act(a.heads * a.v_dim))
+        return _named(self.add(h, self.matmul(o, p["wo"])), "h")
 
     def moe(self, x: SSAValue, m: MoESpec) -> tuple[SSAValue, SSAValue, SSAValue]:
         p = self.p
@@ -255,7 +263,8 @@ class _LayerEmitter(_Emitter):
             score=m.score, top_k=k, groups=m.groups, keep_groups=m.keep_groups, scale=float(m.scale),
             normalize=m.normalize,
         )
-        weights, indices, scores = router.results
+        names = ("gate_w", "experts", "scores")
+        weights, indices, scores = (_named(r, n) for r, n in zip(router.results, names, strict=True))
         y = self.one(
             dsv3.ExpertsOp, [x, weights, indices, p["experts_gate"], p["experts_up"], p["experts_down"]], x.type
         )
@@ -276,7 +285,7 @@ class _LayerEmitter(_Emitter):
             assert self.spec.moe is not None
             y, balance, load = self.moe(x, self.spec.moe)
             extra = [balance, load]
-        h = self.add(h, y)
+        h = _named(self.add(h, y), "h")
         if self.spec.grad_mask_threshold is not None:
             h = self.one(dsv3.GradMaskOp, [h], h.type, threshold=float(self.spec.grad_mask_threshold))
         return [h, *extra]
@@ -294,7 +303,8 @@ def _emit_stack(
     decls = layer_params(em.spec, kind)
     stacked = [em.param(d, prefix, stack=count) for d in decls]
     block = Block(arg_types=[h.type, *(TensorType(em.pdt, d.shape) for d in decls)])
-    names = {d.name: arg for d, arg in zip(decls, block.args[1:], strict=True)}
+    _named(block.args[0], "h")
+    names = {d.name: _named(arg, d.name) for d, arg in zip(decls, block.args[1:], strict=True)}
     yielded = _LayerEmitter(block, em.spec, names, positions).layer(block.args[0], kind)
     block.add_op(dsv3.YieldOp.build(operands=[yielded]))
     result_types = [h.type] + [TensorType(v.type.element_type, [count, *dsv3.shape_of(v)]) for v in yielded[1:]]
@@ -335,12 +345,12 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     module.body.block.add_op(func)
     block = func.body.block
     em = _Emitter(block, spec)
-    tokens = block.args[0]
+    tokens = _named(block.args[0], "tokens")
     std = spec.init.std
 
     mask_t = TensorType(F32, [DYN, DYN])
     ids, _ = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=0).results
-    positions = em.one(dsv3.PositionsOp, [ids], TensorType(I32, [DYN, DYN]))
+    positions = _named(em.one(dsv3.PositionsOp, [_named(ids, "ids")], TensorType(I32, [DYN, DYN])), "positions")
     table = em.param(ParamDecl("embed", (spec.vocab, spec.dim), ("vocab", "embed"), std=std))
     h = em.one(dsv3.EmbedOp, [table, ids], em.act(spec.dim))
 
@@ -356,7 +366,7 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     else:
         head = em.param(ParamDecl("head", (spec.dim, spec.vocab), ("embed", "vocab"), std=std))
     logits = em.matmul(em.rms_norm(h, final_norm), head, dtype=F32)
-    em.op(dsv3.OutputOp, [logits], [], name="logits")
+    em.op(dsv3.OutputOp, [_named(logits, "logits")], [], name="logits")
     labels, label_mask = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=1).results
     lm_loss = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
     em.op(dsv3.OutputOp, [lm_loss], [], name="lm_loss", weight=1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dsv3c.frontend import SpecError, load, parse
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

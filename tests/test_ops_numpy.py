@@ -12,16 +12,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref  # tests/ is on sys.path under pytest's default import mode
 import pytest
+from numpy_reference import Config, Yarn
 from xdsl.dialects.func import FuncOp
 
 import dsv3c
 from dsv3c.dialects.text import parse_ir
 from dsv3c.runtime.lower import LoweringContext, lower_block
 from dsv3c.runtime.model import run_model
-
-import numpy_reference as ref  # tests/ is on sys.path under pytest's default import mode
-from numpy_reference import Config, Yarn
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -144,8 +143,10 @@ def test_rope(layout, yarn):
     fn = ir_function(f"""builtin.module {{
   func.func @f(%q: tensor<2x6x3x16xf32>, %k: tensor<2x6x16xf32>, %p: tensor<2x6xi32>)
       -> (tensor<2x6x3x16xf32>, tensor<2x6x16xf32>) {{
-    %rq = dsv3.rope %q, %p {{{_rope_props(layout, y)}}} : (tensor<2x6x3x16xf32>, tensor<2x6xi32>) -> tensor<2x6x3x16xf32>
-    %rk = dsv3.rope %k, %p {{{_rope_props(layout, y)}}} : (tensor<2x6x16xf32>, tensor<2x6xi32>) -> tensor<2x6x16xf32>
+    %rq = dsv3.rope %q, %p {{{_rope_props(layout, y)}}}
+        : (tensor<2x6x3x16xf32>, tensor<2x6xi32>) -> tensor<2x6x3x16xf32>
+    %rk = dsv3.rope %k, %p {{{_rope_props(layout, y)}}}
+        : (tensor<2x6x16xf32>, tensor<2x6xi32>) -> tensor<2x6x16xf32>
     func.return %rq, %rk : tensor<2x6x3x16xf32>, tensor<2x6x16xf32>
   }}
 }}""")
@@ -251,6 +252,8 @@ def test_router(name):
         per_group = experts // cfg["groups"]
         used = np.array([len(set(row // per_group)) for row in routing.indices.reshape(-1, k)])
         assert used.max() <= cfg["keep_groups"]
+        # and these inputs tell the top-2-sum group score from the group max
+        assert not np.array_equal(ref.route(x, w, bias, **cfg, group_score="max").indices, routing.indices)
 
 
 def test_router_softmax_groups_uses_group_max():
@@ -408,7 +411,8 @@ def test_embed_transpose_add_sum_positions():
     %a = dsv3.add %e, %o : (tensor<2x4x6xf32>, tensor<2x4x6xf32>) -> tensor<2x4x6xf32>
     %s = dsv3.sum %a : (tensor<2x4x6xf32>) -> tensor<f32>
     %p = dsv3.positions %i : (tensor<2x4xi32>) -> tensor<2x4xi32>
-    func.return %e, %tt, %a, %s, %p : tensor<2x4x6xf32>, tensor<6x10xf32>, tensor<2x4x6xf32>, tensor<f32>, tensor<2x4xi32>
+    func.return %e, %tt, %a, %s, %p
+        : tensor<2x4x6xf32>, tensor<6x10xf32>, tensor<2x4x6xf32>, tensor<f32>, tensor<2x4xi32>
   }
 }""")
     e, tt, a, s, p = fn(f32(table), i32(ids), f32(other))

@@ -71,7 +71,9 @@ def _rope(op: dsv3.RopeOp, args, ctx):
             x.shape[-1], op.float_prop("theta"), factor, op.int_prop("yarn_original_len"),
             op.opt_float_prop("yarn_beta_fast") or 32.0, op.opt_float_prop("yarn_beta_slow") or 1.0,
         )
-        mscale = op.opt_float_prop("yarn_mscale") or 1.0
-        mscale_all_dim = op.opt_float_prop("yarn_mscale_all_dim") or 0.0
-        scale = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale_all_dim else 1.0
+        mscale, mscale_all_dim = op.opt_float_prop("yarn_mscale"), op.opt_float_prop("yarn_mscale_all_dim")
+        if mscale and mscale_all_dim:
+            scale = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:  # as HF transformers: without both, cos/sin carry the plain YaRN attention factor
+            scale = _yarn_mscale(factor, 1.0)
     return [apply_rope(x, positions, inv_freq, op.layout.data, scale)]
