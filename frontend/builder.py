@@ -310,7 +310,7 @@ def _emit_stack(
     result_types = [h.type] + [TensorType(v.type.element_type, [count, *dsv3.shape_of(v)]) for v in yielded[1:]]
     stack = dsv3.LayerStackOp(h, stacked, Region(block), count, kind, result_types)
     em.block.add_op(stack)
-    return list(stack.results)
+    return [_named(r, n) for r, n in zip(stack.results, ("h", "balance", "load"), strict=False)]
 
 
 def _emit_moe_outputs(em: _Emitter, balance: SSAValue, load: SSAValue, bias_param: str, prefix: str) -> None:
