@@ -27,7 +27,7 @@ from xdsl.dialects.builtin import (
     StringAttr,
     TensorType,
 )
-from xdsl.ir import Attribute, Dialect, Operation, Region, SSAValue
+from xdsl.ir import Attribute, Operation, Region, SSAValue
 from xdsl.irdl import (
     IRDLOperation,
     ParsePropInAttrDict,
@@ -43,6 +43,8 @@ from xdsl.irdl import (
 )
 from xdsl.traits import IsTerminator, Pure, RecursiveMemoryEffect
 from xdsl.utils.exceptions import VerifyException
+
+from .attributes import ShardingAttr
 
 DYN = DYNAMIC_INDEX
 
@@ -122,6 +124,7 @@ class ParamOp(_Op):
     init = prop_def(StringAttr)
     std = opt_prop_def(FloatAttr)
     trainable = prop_def(BoolAttr)
+    sharding = opt_prop_def(ShardingAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
     assembly_format = "attr-dict `:` type($result)"
@@ -144,6 +147,9 @@ class ParamOp(_Op):
             f"'{self.pname}': {len(self.axis_names)} axis names for a rank-{len(shape)} tensor",
         )
         self.expect(self.init.data in self.INITS, f"'{self.pname}': init must be one of {', '.join(self.INITS)}")
+        if self.sharding is not None:
+            dims = len(self.sharding.axes)
+            self.expect(dims == len(shape), f"'{self.pname}': sharding has {dims} dimensions for rank {len(shape)}")
         if self.init.data == "normal":
             self.expect(self.std is not None and self.std.value.data > 0, f"'{self.pname}': normal init needs std > 0")
 
@@ -189,7 +195,9 @@ class YieldOp(_Op):
 class LayerStackOp(_Op):
     """`count` identical layers applied in sequence. Operand 0 is the incoming hidden state; the other operands are
     parameters stacked along a leading axis of size `count`; the region's block takes the hidden state and one layer's
-    slice of each parameter. Results: the final hidden state, then each per-layer output stacked."""
+    slice of each parameter. Results: the final hidden state, then each per-layer output stacked. With `remat` (the
+    name of the recompute policy `dsv3-remat` applied), the backward pass keeps only what the layer's
+    `dsv3.checkpoint` tags say (`dialects/remat.py`); without it, everything."""
 
     name = "dsv3.layer_stack"
     operands_ = var_operand_def()
@@ -197,6 +205,7 @@ class LayerStackOp(_Op):
     body = region_def("single_block")
     count = prop_def(IntegerAttr)
     layer_kind = prop_def(StringAttr, prop_name="kind")
+    remat = opt_prop_def(StringAttr)
     traits = traits_def(RecursiveMemoryEffect())
     assembly_format = "operands attr-dict `:` functional-type(operands, results) $body"
 
@@ -551,8 +560,9 @@ class RouterOp(_Op):
 
 @irdl_op_definition
 class ExpertsOp(_Op):
-    """Routed SwiGLU experts, dropless: out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]).
-    w_gate, w_up [E, dim, hidden]; w_down [E, hidden, dim]."""
+    """Routed SwiGLU experts: out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]); w_gate, w_up
+    [E, dim, hidden]; w_down [E, hidden, dim]. Dropless unless `capacity_factor` bounds the rows each device sends
+    to each other device under expert parallelism."""
 
     name = "dsv3.experts"
     x = operand_def(TensorType)
@@ -561,10 +571,13 @@ class ExpertsOp(_Op):
     w_gate = operand_def(TensorType)
     w_up = operand_def(TensorType)
     w_down = operand_def(TensorType)
+    capacity_factor = opt_prop_def(FloatAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
     def verify_(self) -> None:
+        if self.capacity_factor is not None:
+            self.expect(self.capacity_factor.value.data > 0, "capacity_factor must be positive")
         dim = shape_of(self.x)[-1]
         g, u, d = shape_of(self.w_gate), shape_of(self.w_up), shape_of(self.w_down)
         self.expect(len(g) == 3 and g == u, "w_gate and w_up must both be [experts, dim, hidden]")
@@ -624,15 +637,12 @@ class CrossEntropyOp(_Op):
     traits = traits_def(Pure())
 
 
-DSV3 = Dialect(
-    "dsv3",
-    [
+CORE_OPS: list[type[IRDLOperation]] = [
         ParamOp, OptimizerOp, YieldOp, LayerStackOp, OutputOp, BiasUpdateOp, TokenWindowOp, PositionsOp, EmbedOp,
         RMSNormOp, MatmulOp, TransposeOp, SplitHeadsOp, MergeHeadsOp, SliceOp, ConcatOp, RopeOp, AttentionOp,
         SwiGLUOp, AddOp, SumOp, RouterOp, ExpertsOp, BalanceLossOp, ExpertLoadOp, GradMaskOp, CrossEntropyOp,
-    ],
-    [],
-)
+]
+"""The model-level ops; `dialects/dialect.py` assembles them with the ops of the other dialect modules."""
 
 
 def walk_params(root: Operation) -> list[ParamOp]:

@@ -14,7 +14,7 @@ from xdsl.parser import Parser
 from xdsl.utils.exceptions import DiagnosticException, ParseError, VerifyException
 
 from ..frontend.errors import SpecError
-from .dsv3 import DSV3
+from .dialect import DSV3
 
 
 def make_context() -> Context:
@@ -44,14 +44,22 @@ class _PositionRecordingParser(Parser):
 
 def parse_ir(text: str, path: str = "<string>") -> ModuleOp:
     """Parses and verifies dsv3 IR; any problem raises `SpecError` positioned at the offending text."""
+    return parse_ir_with_positions(text, path)[0]
+
+
+def parse_ir_with_positions(text: str, path: str = "<string>") -> tuple[ModuleOp, dict[int, tuple[int, int]]]:
+    """`parse_ir`, also returning where each op starts (keyed by `id(op)`), for errors found by later passes."""
     parser = _PositionRecordingParser(make_context(), text, path)
     try:
         module = parser.parse_module()
     except ParseError as err:
         loc = err.span.get_location()
-        raise SpecError(err.msg, path, loc.line, loc.col) from None
+        message = err.msg.strip() or "unexpected end of input"
+        if loc.line and err.span.start >= len(text.rstrip()):
+            message = f"unexpected end of input ({message})"
+        raise SpecError(message, path, loc.line, loc.col) from None
     verify_ir(module, path, parser.positions)
-    return module
+    return module, parser.positions
 
 
 def verify_ir(module: ModuleOp, path: str = "<ir>", positions: dict[int, tuple[int, int]] | None = None) -> None:

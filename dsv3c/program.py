@@ -7,6 +7,7 @@ called, and a model of any size can be compiled and reported on.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,59 +15,96 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 from xdsl.dialects.builtin import ModuleOp
 
-from .dialects.text import parse_ir, print_ir, verify_ir
+from .dialects.text import parse_ir_with_positions, print_ir, verify_ir
+from .fp8 import check_fp8_option, fp8_report, resolve_fp8, with_fp8_pass
 from .frontend.builder import build_ir
-from .frontend.errors import UserError
+from .frontend.errors import SpecError, UserError
 from .frontend.parser import load
 from .frontend.spec import ModelSpec
+from .passes.shard import ShardingError
 from .pipeline import default_pipeline, run_pipeline
-from .report import collectives, count_params, flops, memory_report, model_flops
+from .report import build_report, model_flops, roofline
+from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
 from .runtime.optimizer import make_optimizer
-from .runtime.train import TrainState, make_train_step, split_params
+from .runtime.sharding import (
+    batch_sharding,
+    build_mesh,
+    is_explicit,
+    mesh_size,
+    param_shardings,
+    state_shardings,
+)
+from .runtime.train import TrainState, make_loss_and_grads, make_train_step, split_params
 from .targets import Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
 Source = ModelSpec | ModuleOp | str | Path
 
 
+Locator = Callable[[ShardingError], Exception]
+
+# Where a logical axis's size is written in a spec, to point a sharding error at it.
+_SPEC_FIELD = {
+    "embed": "model.dim", "vocab": "model.vocab", "exp": "model.moe.experts", "q_lora": "model.attention.q_lora_rank",
+    "kv_lora": "model.attention.kv_lora_rank", "q_heads": "model.attention.heads", "kv_heads": "model.attention.heads",
+    "heads": "model.attention.heads",
+}
+
+
 def load_module(source: Source) -> ModuleOp:
     """IR for any accepted source: a spec, a module (cloned, never modified), or a `.dsv3`/`.mlir` path."""
-    if isinstance(source, ModelSpec):
-        return build_ir(source)
+    return load_module_located(source)[0]
+
+
+def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
+    """The IR and a function that turns a sharding error into one positioned in the source: at the spec field that
+    sets the offending size, or at the op in an IR file."""
+    if isinstance(source, str | Path) and not isinstance(source, ModelSpec):
+        path = Path(source)
+        if not path.exists():
+            raise UserError(f"no such file: {path}")
+        if path.suffix == ".mlir":
+            module, positions = parse_ir_with_positions(path.read_text(), str(path))
+            return module, lambda err: SpecError(str(err), str(path), *positions.get(id(err.op), (0, 0)))
+        source = load(path)
     if isinstance(source, ModuleOp):
         module = source.clone()
         verify_ir(module)
-        return module
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"no such file: {path}")
-    if path.suffix == ".mlir":
-        return parse_ir(path.read_text(), str(path))
-    return build_ir(load(path))
+        return module, lambda err: UserError(str(err))
+    spec = source
+
+    def locate(err: ShardingError) -> Exception:
+        field = _SPEC_FIELD.get(err.logical or "")
+        if err.logical == "mlp" and err.op is not None:
+            field = "model.dense_ffn.hidden" if err.op.pname.startswith("dense.") else "model.moe.hidden"
+        line, col = spec.positions.get(field or "", (0, 0))
+        return SpecError(str(err), spec.path, line, col) if line else UserError(str(err))
+
+    return build_ir(spec), locate
 
 
-def _check_options(mode: str, batch: int, seq: int, mesh: Any, shard_mode: str) -> None:
+def _check_options(mode: str, batch: int, seq: int, shard_mode: str) -> None:
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}' (expected one of {', '.join(MODES)})")
-    if mode == "decode":
-        raise UserError("mode 'decode' needs the latent KV-cache runtime, which this version does not have yet")
     if batch < 1 or seq < 1:
         raise UserError(f"batch and seq must be positive (got batch {batch}, seq {seq})")
     if shard_mode not in ("auto", "explicit"):
         raise UserError(f"unknown shard mode '{shard_mode}' (expected auto or explicit)")
-    if mesh and any(size != 1 for size in dict(mesh).values()):
-        raise UserError("sharded meshes are not supported yet: this version compiles for one device")
 
 
 class Program:
     """A compiled dsv3 program: its IR after the passes, the dumps of every stage, the report, and the jitted
     functions to initialise, train and run it."""
 
-    def __init__(self, module: ModuleOp, target: Target, mode: str, batch: int, seq: int, steps: int):
+    def __init__(
+        self, module: ModuleOp, target: Target, devices: list[Any], mode: str, batch: int, seq: int, steps: int
+    ):
         self.module = module
         self.target = target
         self.mode = mode
@@ -77,12 +115,37 @@ class Program:
         self.compiled_text = ""
         self.report: dict[str, Any] = {}
         self.infos = param_infos(module)
+        self.explicit = is_explicit(module)
+        # Ahead-of-time targets always need a mesh: it is what names the (topology) devices XLA compiles for.
+        self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))
         self._optimizer = make_optimizer(module, self.infos, steps)
-        self._init_params = jax.jit(lambda seed: init_params(self.infos, seed))
-        self._init_state = jax.jit(self._state_from_seed)
-        self._train_step = jax.jit(make_train_step(module, self._optimizer), donate_argnums=0)
-        self._forward = jax.jit(self._logits)
+        step = make_train_step(module, self._optimizer, self.mesh, self.explicit)
+        if self.mesh is None:
+            self._init_params = jax.jit(lambda seed: init_params(self.infos, seed))
+            self._init_state = jax.jit(self._state_from_seed)
+            self._train_step = jax.jit(step, donate_argnums=0)
+            self._forward = jax.jit(self._logits)
+        else:
+            params = param_shardings(module, self.mesh)
+            state = state_shardings(jax.eval_shape(self._state_from_seed, 0), params, self.mesh)
+            tokens = batch_sharding(self.mesh, batch)
+            self._init_params = jax.jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
+            self._init_state = jax.jit(self._state_from_seed, out_shardings=state)
+            self._train_step = jax.jit(
+                step, in_shardings=(state, {"tokens": tokens}), out_shardings=(state, None), donate_argnums=0
+            )
+            self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
+        self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))
         self._compiled: Any = None
+        # After `dsv3-kv-cache`, @model is one cached inference step: forward, lowering and generation go through
+        # the decode runtime.
+        self._decoder = Decoder(module, self.mesh, self.explicit) if cache_infos(module) else None
+        if mode == "decode" and self._decoder is None:
+            raise UserError("mode 'decode' needs the dsv3-kv-cache pass (the default decode pipeline runs it)")
+
+    def _on_mesh(self):
+        """Explicit-axis sharding needs the mesh set while tracing and running."""
+        return jax.set_mesh(self.mesh) if self.explicit and self.mesh is not None else contextlib.nullcontext()
 
     # -- pure functions that get jitted --------------------------------------------------------------------------
 
@@ -94,7 +157,7 @@ class Program:
 
     def _logits(self, params: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
         padded = jnp.pad(tokens, ((0, 0), (0, 1)))  # the model reads [B, S+1]: inputs plus one label column
-        return run_model(self.module, params, padded).metrics["logits"]
+        return run_model(self.module, params, padded, self.mesh, self.explicit).metrics["logits"]
 
     # -- abstract shapes -----------------------------------------------------------------------------------------
 
@@ -106,11 +169,14 @@ class Program:
 
     def lower(self):
         """Lowers the program's main function (train step or forward) from shapes alone."""
-        if self.mode == "train":
-            tokens = jax.ShapeDtypeStruct((self.batch, self.seq + 1), jnp.int32)
-            return self._train_step.lower(self.abstract_state(), {"tokens": tokens})
-        tokens = jax.ShapeDtypeStruct((self.batch, self.seq), jnp.int32)
-        return self._forward.lower(self.abstract_params(), tokens)
+        with self._on_mesh():
+            if self._decoder is not None:  # prefill: S = seq; decode: one token over a cache of seq
+                return self._decoder.lower(self.abstract_params(), self.batch, self.seq, self.mode)
+            if self.mode == "train":
+                tokens = jax.ShapeDtypeStruct((self.batch, self.seq + 1), jnp.int32)
+                return self._train_step.lower(self.abstract_state(), {"tokens": tokens})
+            tokens = jax.ShapeDtypeStruct((self.batch, self.seq), jnp.int32)
+            return self._forward.lower(self.abstract_params(), tokens)
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -121,12 +187,14 @@ class Program:
     def init_params(self, seed: int = 0) -> dict[str, jax.Array]:
         """All parameters (router biases included), initialised as the IR declares."""
         self._require_local("init_params")
-        return self._init_params(seed)
+        with self._on_mesh():
+            return self._init_params(seed)
 
     def init_state(self, seed: int = 0) -> TrainState:
         """Trainable params, router biases, optimizer state and step counter."""
         self._require_local("init_state")
-        return self._init_state(seed)
+        with self._on_mesh():
+            return self._init_state(seed)
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step on `batch["tokens"]` int32[B, S+1]. The state is donated: use the returned one."""
@@ -134,16 +202,49 @@ class Program:
             raise UserError(f"train_step needs a program compiled with mode='train' (this one is '{self.mode}')")
         self._require_local("train_step")
         tokens = batch["tokens"]
-        if self._compiled is not None and tokens.shape == (self.batch, self.seq + 1):
-            return self._compiled(state, {"tokens": tokens})
-        return self._train_step(state, {"tokens": tokens})
+        with self._on_mesh():
+            if self._compiled is not None and tokens.shape == (self.batch, self.seq + 1):
+                return self._compiled(state, {"tokens": jnp.asarray(tokens)})
+            return self._train_step(state, {"tokens": tokens})
+
+    def loss_and_grads(
+        self, state: TrainState, batch: dict[str, jax.Array]
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Metrics and the gradient of the training loss for each trainable parameter, without an update (to
+        compare layouts, precisions or recompute policies); laid out like the parameters."""
+        with self._on_mesh():
+            return self._loss_and_grads(state, batch["tokens"])
 
     def forward(self, params: dict[str, jax.Array] | TrainState, tokens: jax.Array) -> jax.Array:
         """float32 logits [B, S, vocab] for int32 tokens [B, S]. Accepts a parameter dict or a training state."""
         self._require_local("forward")
         if "params" in params and "router_bias" in params:
             params = {**params["params"], **params["router_bias"]}
-        return self._forward(params, jnp.asarray(tokens, jnp.int32))
+        with self._on_mesh():
+            if self._decoder is not None:
+                return self._decoder.forward(params, tokens)
+            return self._forward(params, jnp.asarray(tokens, jnp.int32))
+
+    def generate(
+        self,
+        params: dict[str, Any],
+        prompt_ids: Any,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        eos_id: int | None = None,
+        return_logits: bool = False,
+    ) -> np.ndarray | Generation:
+        """Continues each prompt (a list of token ids, or a list of such lists of any lengths) by `max_new_tokens`
+        tokens with the latent (or, without `dsv3-mla-absorb`, naive) KV cache: greedy at temperature 0, sampled
+        otherwise. Returns int32 [B, max_new_tokens], or a `Generation` with the logits when `return_logits`."""
+        self._require_local("generate")
+        if self._decoder is None:
+            raise UserError(f"generate needs a program compiled with mode='decode' (this one is '{self.mode}')")
+        with self._on_mesh():
+            out = self._decoder.generate(params, prompt_ids, max_new_tokens, temperature, seed, eos_id,
+                                         return_logits=return_logits)
+        return out if return_logits else out.tokens
 
 
 def compile(
@@ -157,30 +258,52 @@ def compile(
     pipeline: str | None = "default",
     steps: int = 1000,
     log: Callable[[str], None] | None = None,
+    devices: int | None = None,
+    rules: str = "",
+    fp8: str | None = None,
 ) -> Program:
-    """Compiles a spec, spec path, IR path or IR module for `target`. `pipeline` is `default` (the mode's default
-    passes), a `-p` style pass list, or None/"" for no passes. `steps` is the run length the learning-rate schedule
-    decays over when the IR's `decay_steps` is 0."""
+    """Compiles a spec, spec path, IR path or IR module for `target`.
+
+    `pipeline` is `default` (the mode's default passes), a `-p` style pass list, or None/"" for no passes. A `mesh`
+    ({"fsdp": 4, "tensor": 2}) adds the shard pass with `shard_mode` and `rules`; without one, a multi-chip target
+    (or `devices` > 1 on cpu) is sharded FSDP over all its chips. `steps` is the run length the learning-rate
+    schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds `dsv3-fp8-quant`;
+    FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked, and are refused
+    otherwise (see `dsv3c/fp8.py`)."""
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
-    _check_options(mode, batch, seq, mesh, shard_mode)
+    _check_options(mode, batch, seq, shard_mode)
+    fp8 = check_fp8_option(fp8)
     tgt = resolve_target(target)
-    if tgt.name != "cpu":
-        raise UserError(f"target '{target}' is not supported yet: this version compiles for 'cpu' only")
+    chips = tgt.chips or devices or 1
+    if mesh is None and chips > 1:
+        mesh = {"fsdp": chips}
 
     clock = time.perf_counter()
-    module = load_module(source)
+    module, locate = load_module_located(source)
     dumps = [("input", print_ir(module))]
     seconds["parse"] = time.perf_counter() - clock
     say(f"parsed and built IR ({seconds['parse']:.2f}s)")
 
     clock = time.perf_counter()
     spec = default_pipeline(mode) if pipeline == "default" else (pipeline or "")
-    dumps += run_pipeline(module, spec)
+    spec = with_fp8_pass(spec, fp8)
+    if mesh and "dsv3-shard" not in spec:
+        mesh_text = ",".join(f"{axis}={size}" for axis, size in mesh.items())
+        shard = f'dsv3-shard{{mesh="{mesh_text}" mode={shard_mode}' + (f' rules="{rules}"' if rules else "") + "}"
+        spec = ",".join(filter(None, [spec, shard]))
+    try:
+        dumps += run_pipeline(module, spec)
+    except ShardingError as err:
+        raise locate(err) from None
     seconds["passes"] = time.perf_counter() - clock
     say(f"ran passes [{spec or 'none'}] ({seconds['passes']:.2f}s)")
+    fp8_mode, fp8_why = resolve_fp8(module, fp8, tgt)
+    if fp8_mode != "off":
+        say(f"FP8 GEMMs: {fp8_mode} ({fp8_why})")
 
-    prog = Program(module, tgt, mode, batch, seq, steps)
+    device_list = tgt.devices(tgt.device_count(mesh_size(module)))
+    prog = Program(module, tgt, device_list, mode, batch, seq, steps)
     clock = time.perf_counter()
     lowered = prog.lower()
     prog.stablehlo = lowered.as_text()
@@ -188,41 +311,44 @@ def compile(
     say(f"lowered to StableHLO ({seconds['lower']:.2f}s)")
 
     clock = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise UserError(
+            f"the {mode} step does not fit on {tgt.name} ({len(device_list)} devices): {detail} Use more chips, "
+            "shard more (--mesh), or recompute more (dsv3-remat{policy=full})"
+        ) from None
     prog.compiled_text = compiled.as_text()
     seconds["compile"] = time.perf_counter() - clock
-    say(f"compiled with XLA for {tgt.name} ({seconds['compile']:.2f}s)")
-    if mode == "train":
+    say(f"compiled with XLA for {tgt.name} on {len(device_list)} device(s) ({seconds['compile']:.2f}s)")
+    if mode == "train" and tgt.local:
         prog._compiled = compiled
 
     prog.dumps = [*dumps, ("stablehlo", prog.stablehlo), ("compiled", prog.compiled_text)]
-    counts = count_params(module)
-    prog.report = {
-        "target": tgt.name,
-        "devices": tgt.chips,
-        "mesh": dict(mesh or {}),
-        "shard_mode": shard_mode,
-        "mode": mode,
-        "batch": batch,
-        "seq": seq,
-        "vocab": _vocab(prog),
-        "params_total": counts["total"],
-        "params_active_per_token": counts["active"],
-        "params_mtp": counts["mtp_total"],
-        "params_mtp_active_per_token": counts["mtp_active"],
-        "memory_per_device_bytes": memory_report(compiled),
-        "flops_per_step": model_flops(module, batch, seq, train=mode == "train"),
-        "xla_flops_per_step": flops(compiled),
-        "collectives": collectives(prog.compiled_text),
-        "compile_seconds": seconds,
-        "pipeline": spec,
-    }
+    prog.report = build_report(
+        module, compiled, prog.compiled_text, tgt, len(device_list), mode=mode, batch=batch, seq=seq,
+        shard_mode=shard_mode, pipeline=spec, compile_seconds=seconds,
+    )
+    if prog._decoder is not None:
+        # one step: `seq` new tokens (prefill) or one (decode) attending over a cache of `seq` tokens
+        new_tokens = 1 if mode == "decode" else seq
+        r = prog.report
+        r["flops_per_step"] = model_flops(module, batch, new_tokens, train=False) + attention_flops(
+            module, batch, new_tokens, seq
+        )
+        if "step_time_estimate_s" in r:
+            r["step_time_estimate_s"] = roofline(
+                r["flops_per_step"], r["memory_per_device_bytes"], r["collectives"], tgt.chip, len(device_list), False
+            )
+            r["mfu_estimate"] = r["step_time_estimate_s"]["compute"] / r["step_time_estimate_s"]["bound"]
+        r.update(kv_cache_report(module))
+    prog.report["fp8"] = fp8_report(module, fp8_mode, fp8_why, prog.compiled_text)
+    for warning in prog.report.get("warnings", []):
+        say(f"warning: {warning}")
     return prog
-
-
-def _vocab(prog: Program) -> int:
-    info = prog.infos.get("embed")
-    return info.shape[0] if info else 0
 
 
 def write_dumps(dumps: list[tuple[str, str]], directory: str | Path) -> list[Path]:

@@ -9,6 +9,8 @@ from typing import Any
 from xdsl.dialects.builtin import ModuleOp
 
 from .dialects import dsv3
+from .dialects.sharding import MeshOp
+from .targets import Chip, Target
 
 _COLLECTIVE = re.compile(
     r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)(-start)?\("
@@ -87,16 +89,143 @@ def flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """HLO text split into computations by name; also returns the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _executions(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per step: a while body runs its known trip count times its caller."""
+    runs = {entry: 1}
+    pending = [entry]
+    while pending:
+        name = pending.pop()
+        for line in comps.get(name, []):
+            loop = _WHILE.search(line)
+            trips = {loop.group(1): int(loop.group(2))} if loop else {}
+            for callee in _CALLS.findall(line):
+                if callee in comps and callee not in runs:
+                    runs[callee] = runs[name] * trips.get(callee, 1)
+                    pending.append(callee)
+    return runs
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Count and result bytes of each kind of collective in compiled HLO text."""
+    """Per kind of collective: `count` and result `bytes` as executed in one step (collectives inside a scanned
+    layer count once per layer), `static` (occurrences in the program text) and `async` (started asynchronously,
+    so compute can be scheduled between start and done)."""
+    comps, entry = _computations(hlo_text)
+    runs = _executions(comps, entry) if entry else {}
     found: dict[str, dict[str, int]] = {}
-    for match in _COLLECTIVE.finditer(hlo_text):
-        kind = match.group(2)
-        nbytes = sum(
-            _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-            for dtype, dims in _SHAPE.findall(match.group(1))
-        )
-        entry = found.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += nbytes
+    for name, lines in (comps.items() if comps else [("", hlo_text.splitlines())]):
+        for line in lines:
+            match = _COLLECTIVE.search(line)
+            if not match:
+                continue
+            kind, started = match.group(2), bool(match.group(3))
+            nbytes = sum(
+                _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+                for dtype, dims in _SHAPE.findall(match.group(1))
+            )
+            times = runs.get(name, 1)
+            entry_ = found.setdefault(kind, {"count": 0, "bytes": 0, "static": 0, "async": 0})
+            entry_["count"] += times
+            entry_["bytes"] += times * nbytes
+            entry_["static"] += 1
+            entry_["async"] += int(started)
     return found
+
+
+def build_report(
+    module: ModuleOp,
+    compiled: Any,
+    compiled_text: str,
+    target: Target,
+    devices: int,
+    *,
+    mode: str,
+    batch: int,
+    seq: int,
+    shard_mode: str,
+    pipeline: str,
+    compile_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The `--report` dictionary (CONTRACT.md), with memory against HBM and a roofline step-time estimate."""
+    counts = count_params(module)
+    memory = memory_report(compiled)
+    model = model_flops(module, batch, seq, train=mode == "train")
+    comms = collectives(compiled_text)
+    chip = target.chip
+    report: dict[str, Any] = {
+        "target": target.name,
+        "devices": devices,
+        "mesh": _mesh_sizes(module),
+        "shard_mode": shard_mode,
+        "mode": mode,
+        "batch": batch,
+        "seq": seq,
+        "vocab": _vocab(module),
+        "params_total": counts["total"],
+        "params_active_per_token": counts["active"],
+        "params_mtp": counts["mtp_total"],
+        "params_mtp_active_per_token": counts["mtp_active"],
+        "memory_per_device_bytes": memory,
+        "flops_per_step": model,
+        "xla_flops_per_step": flops(compiled),
+        "collectives": comms,
+        "compile_seconds": compile_seconds,
+        "pipeline": pipeline,
+        "warnings": [],
+    }
+    if chip.hbm_bytes:
+        total = memory.get("total", 0)
+        report["hbm_per_device_bytes"] = chip.hbm_bytes
+        report["fits_hbm"] = total <= chip.hbm_bytes
+        if total > chip.hbm_bytes:
+            report["warnings"].append(
+                f"needs {total / 2**30:.1f} GiB per device but a {chip.kind} has {chip.hbm_bytes / 2**30:.0f} GiB: "
+                "use more chips, more FSDP/expert sharding, or recompute"
+            )
+    if chip.peak_bf16_flops:
+        report["step_time_estimate_s"] = roofline(model, memory, comms, chip, devices, train=mode == "train")
+        report["mfu_estimate"] = report["step_time_estimate_s"]["compute"] / report["step_time_estimate_s"]["bound"]
+    return report
+
+
+def roofline(
+    model_flops_: float, memory: dict[str, int], comms: dict[str, dict[str, int]], chip: Chip, devices: int,
+    train: bool,
+) -> dict[str, float]:
+    """Seconds per step if bound by compute (model FLOPs at peak), by HBM (each argument byte read once per pass:
+    three passes in training) or by collectives (bytes moved over the chip's interconnect); `bound` is the largest,
+    i.e. perfect overlap of the three."""
+    compute = model_flops_ / (devices * chip.peak_bf16_flops)
+    hbm = (3 if train else 1) * memory.get("arguments", 0) / chip.hbm_bandwidth
+    network = sum(c["bytes"] for c in comms.values()) / chip.interconnect_bandwidth
+    return {"compute": compute, "memory": hbm, "collectives": network, "bound": max(compute, hbm, network)}
+
+
+def _mesh_sizes(module: ModuleOp) -> dict[str, int]:
+    op = next((op for op in module.ops if isinstance(op, MeshOp)), None)
+    return op.sizes if op else {}
+
+
+def _vocab(module: ModuleOp) -> int:
+    embed = next((p for p in dsv3.walk_params(module) if p.pname == "embed"), None)
+    return dsv3.shape_of(embed.result)[0] if embed else 0

@@ -19,7 +19,14 @@ def _drop_mtp() -> type[ModulePass]:
     return DropMTP
 
 
+def _shard() -> type[ModulePass]:
+    from .shard import ShardPass
+
+    return ShardPass
+
+
 ALL_PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "dsv3-dce": _dce,
     "dsv3-drop-mtp": _drop_mtp,
+    "dsv3-shard": _shard,
 }

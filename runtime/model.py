@@ -61,10 +61,16 @@ class ModelOutputs:
     bias_rates: tuple[tuple[str, float], ...]
 
 
-def run_model(module: ModuleOp, params: dict[str, jax.Array], tokens: jax.Array) -> ModelOutputs:
-    """Traces the model on `tokens` [B, S+1] (inputs and shifted labels in one array)."""
+def run_model(
+    module: ModuleOp,
+    params: dict[str, jax.Array],
+    tokens: jax.Array,
+    mesh: jax.sharding.Mesh | None = None,
+    explicit: bool = False,
+) -> ModelOutputs:
+    """Traces the model on `tokens` [B, S+1] (inputs and shifted labels in one array), on `mesh` if given."""
     func = model_func(module)
-    ctx = LoweringContext(params=params)
+    ctx = LoweringContext(params=params, mesh=mesh, explicit=explicit)
     ctx.env[func.body.block.args[0]] = tokens
     lower_block(func.body.block, ctx)
     grouped: dict[str, list[jax.Array]] = {}

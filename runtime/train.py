@@ -33,19 +33,39 @@ def apply_bias_updates(biases: dict[str, jax.Array], out: ModelOutputs) -> dict[
     return biases
 
 
-def make_train_step(
-    module: ModuleOp, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """A pure step function (to be jitted): state, {"tokens": int32[B, S+1]} -> new state, metrics."""
+def _value_and_grad(module: ModuleOp, mesh: jax.sharding.Mesh | None, explicit: bool):
+    """(state, tokens) -> ((loss, ModelOutputs), gradients w.r.t. the trainable parameters)."""
 
     def loss_fn(trainable, fixed, tokens):
-        out = run_model(module, {**trainable, **fixed}, tokens)
+        out = run_model(module, {**trainable, **fixed}, tokens, mesh, explicit)
         return out.loss, out
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return lambda state, tokens: grad_fn(state["params"], state["router_bias"], tokens)
+
+
+def make_loss_and_grads(module: ModuleOp, mesh: jax.sharding.Mesh | None = None, explicit: bool = False):
+    """state, tokens -> (metrics, gradients of the weighted loss w.r.t. the trainable parameters)."""
+    value_and_grad = _value_and_grad(module, mesh, explicit)
+
+    def loss_and_grads(state: TrainState, tokens: jax.Array):
+        (loss, out), grads = value_and_grad(state, tokens)
+        return {**out.metrics, "loss": loss}, grads
+
+    return loss_and_grads
+
+
+def make_train_step(
+    module: ModuleOp,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh | None = None,
+    explicit: bool = False,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure step function (to be jitted): state, {"tokens": int32[B, S+1]} -> new state, metrics."""
+    value_and_grad = _value_and_grad(module, mesh, explicit)
+
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["router_bias"], batch["tokens"]
-        )
+        (loss, out), grads = value_and_grad(state, batch["tokens"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {
             "params": optax.apply_updates(state["params"], updates),

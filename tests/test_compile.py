@@ -72,11 +72,13 @@ def test_maxtext_test_config_has_its_published_size(tmp_path):
     [
         (["--target", "tpu-v7-8"], "dsv3c: error: unknown target 'tpu-v7-8'"),
         (["--target", "tpu-v5p-3"], "not a valid slice size"),
-        (["--mode", "decode"], "latent KV-cache"),
+        (["--mode", "decode", "-p", "dsv3-drop-mtp"], "mode 'decode' needs the dsv3-kv-cache pass"),
         (["--batch", "0"], "batch and seq must be positive"),
         (["--mesh", "data=two"], "--mesh: expected AXIS=N"),
-        (["--mesh", "fsdp=4"], "sharded meshes are not supported yet"),
-        (["-p", "no-such-pass"], "known passes: dsv3-dce, dsv3-drop-mtp"),
+        (["--mesh", "fsdp=3"], "do not divide 'embed' of size 64"),
+        (["--mesh", "model=2"], "unknown mesh axis 'model'"),
+        (["--mesh", "fsdp=16"], "the mesh needs 16 CPU devices but JAX has 8"),
+        (["-p", "no-such-pass"], "known passes: dsv3-dce"),
         (["--mode", "sideways"], "invalid choice: 'sideways'"),
     ],
 )

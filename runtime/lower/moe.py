@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ...dialects import dsv3
-from .registry import register_lowering
-from .tensor import swiglu
+from ...dialects.sharding import BATCH_AXES
+from .experts import routed_experts, routed_experts_sharded
+from .registry import LoweringContext, register_lowering
 
 
 def route(
@@ -54,28 +55,12 @@ def _router(op: dsv3.RouterOp, args, ctx):
     )
 
 
-def routed_experts(x, weights, indices, w_gate, w_up, w_down) -> jax.Array:
-    """Dropless SwiGLU experts: the (token, choice) rows are sorted by expert and run as grouped GEMMs
-    (`lax.ragged_dot`), then scattered back and summed with the gate weights in float32."""
-    shape = x.shape
-    experts, dim = w_gate.shape[0], shape[-1]
-    top_k = indices.shape[-1]
-    tokens = x.reshape(-1, dim)
-    flat_experts = indices.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    rows = tokens[order // top_k]
-    group_sizes = jnp.bincount(flat_experts, length=experts).astype(jnp.int32)
-    dtype = x.dtype
-    gate = lax.ragged_dot(rows, w_gate.astype(dtype), group_sizes)
-    up = lax.ragged_dot(rows, w_up.astype(dtype), group_sizes)
-    out = lax.ragged_dot(swiglu(gate, up), w_down.astype(dtype), group_sizes)
-    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(-1, top_k, dim)
-    combined = jnp.einsum("tkd,tk->td", unsorted.astype(jnp.float32), weights.reshape(-1, top_k))
-    return combined.astype(dtype).reshape(shape)
-
-
 @register_lowering(dsv3.ExpertsOp)
-def _experts(op, args, ctx):
+def _experts(op: dsv3.ExpertsOp, args, ctx: LoweringContext):
+    mesh = ctx.mesh
+    if mesh is not None:
+        batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+        return [routed_experts_sharded(*args, mesh, batch_axes, op.opt_float_prop("capacity_factor"), ctx.explicit)]
     return [routed_experts(*args)]
 
 
@@ -97,4 +82,6 @@ def _balance_loss(op: dsv3.BalanceLossOp, args, ctx):
 @register_lowering(dsv3.ExpertLoadOp)
 def _expert_load(op: dsv3.ExpertLoadOp, args, ctx):
     experts = op.int_prop("experts")
-    return [jnp.bincount(args[0].reshape(-1), length=experts).astype(jnp.float32)]
+    # a one-hot sum rather than bincount: a reduction over the (possibly sharded) token axes is one all-reduce
+    chosen = jax.nn.one_hot(args[0], experts, dtype=jnp.float32)
+    return [jnp.sum(chosen, axis=tuple(range(chosen.ndim - 1)))]

@@ -34,13 +34,19 @@ def register_lowering(op_type: type[Operation]) -> Callable[[Rule], Rule]:
 
 @dataclass
 class LoweringContext:
-    """What rules share while one program is traced: the parameters by name, the named outputs collected so far,
-    the bias updates to apply after the step, and the environment of values in scope."""
+    """What rules share while one program is traced: the parameters by name, the device mesh (None on one device)
+    and whether its axes are explicit, the named outputs collected so far, the bias updates to apply after the step,
+    the environment of values in scope, and for inference steps the caches read (`caches`) and written back
+    (`cache_stores`) by name."""
 
     params: dict[str, jax.Array]
+    mesh: jax.sharding.Mesh | None = None
+    explicit: bool = False
     outputs: list[tuple[str, jax.Array, float | None]] = field(default_factory=list)
     bias_updates: list[tuple[str, jax.Array, float]] = field(default_factory=list)
     env: MutableMapping[SSAValue, jax.Array] = field(default_factory=dict)
+    caches: dict[str, jax.Array] = field(default_factory=dict)
+    cache_stores: dict[str, jax.Array] = field(default_factory=dict)
 
 
 class LoweringError(Exception):

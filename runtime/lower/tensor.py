@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from ...dialects import dsv3
+from ...dialects.sharding import BATCH_AXES
 from .dtypes import result_dtype
-from .registry import register_lowering
+from .registry import LoweringContext, register_lowering
 
 
 def token_window(tokens: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
@@ -32,16 +34,34 @@ def _positions(op, args, ctx):
 
 
 @register_lowering(dsv3.EmbedOp)
-def _embed(op: dsv3.EmbedOp, args, ctx):
+def _embed(op: dsv3.EmbedOp, args, ctx: LoweringContext):
     table, ids = args
+    if ctx.explicit and ctx.mesh is not None:
+        # explicit axes: a lookup in a vocab-sharded table must say how its result is laid out (batch-split)
+        axes = tuple(a for a in BATCH_AXES if ctx.mesh.shape.get(a, 1) > 1)
+        out = PartitionSpec(axes or None, None, None)
+        return [table.at[ids].get(out_sharding=out).astype(result_dtype(op.result))]
     return [jnp.take(table, ids, axis=0).astype(result_dtype(op.result))]
 
 
+def _spec(value: jax.Array) -> tuple:
+    """The explicit-axis partition spec of a traced value, one entry per dimension."""
+    spec = tuple(jax.typeof(value).sharding.spec)
+    return spec + (None,) * (value.ndim - len(spec))
+
+
 @register_lowering(dsv3.MatmulOp)
-def _matmul(op: dsv3.MatmulOp, args, ctx):
+def _matmul(op: dsv3.MatmulOp, args, ctx: LoweringContext):
     x, w = args
     out = result_dtype(op.result)
-    y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.promote_types(x.dtype, out))
+    accumulate = jnp.promote_types(x.dtype, out)
+    if ctx.explicit and ctx.mesh is not None:
+        # a contraction over a tensor-sharded dimension is ambiguous in explicit mode: the result keeps x's leading
+        # layout and w's output-dimension layout (so row-parallel layers end in a reduction)
+        layout = PartitionSpec(*_spec(x)[:-1], _spec(w)[-1])
+        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate, out_sharding=layout)
+    else:
+        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate)
     return [y.astype(out)]
 
 

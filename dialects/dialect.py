@@ -1,0 +1,14 @@
+"""The `dsv3` dialect object: every op and attribute of the dsv3 modules in one xDSL `Dialect`.
+
+Ops live in modules by concern (`dsv3.py` the model-level ops; later modules add quantisation, caches, sharding);
+this file is the one place that lists them all."""
+
+from __future__ import annotations
+
+from xdsl.ir import Dialect
+
+from .attributes import ShardingAttr
+from .dsv3 import CORE_OPS
+from .sharding import SHARDING_OPS
+
+DSV3 = Dialect("dsv3", [*CORE_OPS, *SHARDING_OPS], [ShardingAttr])

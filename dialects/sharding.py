@@ -1,0 +1,63 @@
+"""Ops that place the program on a device mesh: the mesh declaration and sharding constraints on values.
+
+The shard pass writes them; the lowering turns `dsv3.mesh` into a `jax.sharding.Mesh` over the target's devices,
+parameter shardings into the jitted function's argument shardings, and each `dsv3.shard` into a sharding
+constraint (`auto` mode: XLA's partitioner propagates from there) or an explicit `reshard` (`explicit` mode)."""
+
+from __future__ import annotations
+
+from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, StringAttr, TensorType
+from xdsl.irdl import IRDLOperation, irdl_op_definition, operand_def, prop_def, result_def, traits_def
+from xdsl.traits import Pure
+
+from .attributes import ShardingAttr
+from .dsv3 import _Op, shape_of
+
+MESH_AXES = ("data", "fsdp", "fsdp_transpose", "expert", "tensor", "tensor_transpose")
+"""The mesh axes dsv3c knows, in the order they are laid out on devices (the last varies fastest)."""
+
+BATCH_AXES = ("data", "fsdp", "fsdp_transpose", "expert")
+"""Mesh axes the token batch is split over (the shard pass's `activation_batch` rule)."""
+
+
+@irdl_op_definition
+class MeshOp(_Op):
+    """The device mesh: named axes and their sizes, and the sharding mode (`auto` or `explicit`)."""
+
+    name = "dsv3.mesh"
+    axes = prop_def(ArrayAttr[StringAttr])
+    shape = prop_def(ArrayAttr[IntegerAttr])
+    mode = prop_def(StringAttr)
+    assembly_format = "attr-dict"
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {a.data: s.value.data for a, s in zip(self.axes.data, self.shape.data, strict=True)}
+
+    def verify_(self) -> None:
+        names = [a.data for a in self.axes.data]
+        self.expect(len(names) == len(self.shape.data), "axes and shape must have the same length")
+        unknown = [n for n in names if n not in MESH_AXES]
+        self.expect(not unknown, f"unknown mesh axis {unknown} (known: {', '.join(MESH_AXES)})")
+        self.expect(len(set(names)) == len(names), "mesh axes must be distinct")
+        self.expect(all(s.value.data >= 1 for s in self.shape.data), "mesh axis sizes must be positive")
+        self.expect(self.mode.data in ("auto", "explicit"), "mode must be auto or explicit")
+
+
+@irdl_op_definition
+class ShardOp(_Op):
+    """Identity on values; states the layout `sharding` of its result."""
+
+    name = "dsv3.shard"
+    x = operand_def(TensorType)
+    sharding = prop_def(ShardingAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect(self.x.type == self.result.type, "result type must equal the operand type")
+        rank, dims = len(shape_of(self.x)), len(self.sharding.axes)
+        self.expect(rank == dims, f"sharding has {dims} dimensions for a rank-{rank} value")
+
+
+SHARDING_OPS: list[type[IRDLOperation]] = [MeshOp, ShardOp]

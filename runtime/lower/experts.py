@@ -1,0 +1,143 @@
+"""Routed experts as grouped GEMMs, on one device or across a mesh.
+
+On one device, the (token, choice) rows are sorted by expert and run as grouped GEMMs (`lax.ragged_dot`): dropless,
+no FLOPs spent on experts a token did not choose (on TPU and GPU; XLA:CPU lowers ragged_dot densely).
+
+On a mesh, each device routes its own tokens. With an `expert` axis (expert parallelism) each device holds E/ep
+experts; dispatch sends every token at most once to each device that hosts one of its chosen experts (with
+group-limited routing aligned to the expert axis, that is at most `keep_groups` devices: DeepSeek-V3's node-limited
+routing), with the local ids and gate weights of the experts it chose there. The receiving device runs its experts
+over the (row, choice) pairs that are its own and sums each row's results with the gate weights; a second
+all-to-all brings the partial sums home. Buffers have a static capacity per (source, destination) pair: every local
+token when dropless, or `ceil(capacity_factor * T * min(k, ep) / ep)` rows, beyond which a token's contribution from
+that destination is dropped, as in GShard/Switch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from .tensor import swiglu
+
+GroupedGemm = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""(rows sorted by group [T, K], weights [G, K, N], group sizes [G]) -> [T, N]: `lax.ragged_dot`, or an FP8 one."""
+
+
+def routed_experts(x, weights, indices, w_gate, w_up, w_down, gemm: GroupedGemm = lax.ragged_dot) -> jax.Array:
+    """Dropless SwiGLU experts: the (token, choice) rows are sorted by expert and run as grouped GEMMs
+    (`lax.ragged_dot`), then scattered back and summed with the gate weights in float32."""
+    shape = x.shape
+    experts, dim = w_gate.shape[0], shape[-1]
+    top_k = indices.shape[-1]
+    tokens = x.reshape(-1, dim)
+    flat_experts = indices.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    rows = tokens[order // top_k]
+    group_sizes = jnp.bincount(flat_experts, length=experts).astype(jnp.int32)
+    dtype = x.dtype
+    gate = gemm(rows, w_gate.astype(dtype), group_sizes)
+    up = gemm(rows, w_up.astype(dtype), group_sizes)
+    out = gemm(swiglu(gate, up), w_down.astype(dtype), group_sizes)
+    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(-1, top_k, dim)
+    combined = jnp.einsum("tkd,tk->td", unsorted.astype(jnp.float32), weights.reshape(-1, top_k))
+    return combined.astype(dtype).reshape(shape)
+
+
+def capacity(tokens: int, top_k: int, ep: int, capacity_factor: float | None) -> int:
+    """Rows each device may send to each other device."""
+    if capacity_factor is None:
+        return tokens
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * min(top_k, ep) / ep)))
+
+
+def _local_experts(rows, pairs_expert, pairs_weight, w_gate, w_up, w_down, gemm: GroupedGemm) -> jax.Array:
+    """rows [R, D]; pairs [R, k] of (local expert id, or E_local when not here; gate weight). Returns [R, D]:
+    sum over a row's local choices of weight * expert(row), in float32."""
+    experts = w_gate.shape[0]
+    num_rows, top_k = pairs_expert.shape
+    flat = pairs_expert.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # foreign pairs (id == experts) sort last, beyond the group sizes
+    gathered = rows[order // top_k]
+    sizes = jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32)
+    dtype = rows.dtype
+    gate = gemm(gathered, w_gate.astype(dtype), sizes)
+    up = gemm(gathered, w_up.astype(dtype), sizes)
+    out = gemm(swiglu(gate, up), w_down.astype(dtype), sizes)
+    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(num_rows, top_k, -1)
+    return jnp.einsum("rkd,rk->rd", unsorted.astype(jnp.float32), pairs_weight)
+
+
+def _dispatch_compute_combine(
+    x, weights, indices, w_gate, w_up, w_down, *, ep: int, capacity_factor: float | None, gemm: GroupedGemm
+):
+    """Per-device body (inside shard_map): local tokens x [b, s, D], routing [b, s, k], local experts [E/ep, ...]."""
+    shape = x.shape
+    dim = shape[-1]
+    tokens = x.reshape(-1, dim)
+    num_tokens = tokens.shape[0]
+    top_k = indices.shape[-1]
+    local = w_gate.shape[0]
+    idx = indices.reshape(num_tokens, top_k)
+    gate_w = weights.reshape(num_tokens, top_k).astype(jnp.float32)
+    cap = capacity(num_tokens, top_k, ep, capacity_factor)
+
+    dest = idx // local  # [T, k] device holding each chosen expert
+    devices = jnp.arange(ep)
+    goes = jnp.any(dest[:, :, None] == devices, axis=1)  # [T, ep]: token t visits device d
+    slot = jnp.cumsum(goes, axis=0) - 1  # [T, ep] row of token t in the buffer for d
+    kept = goes & (slot < cap)
+    row = jnp.where(kept, slot, cap)  # cap = out of range: dropped by the scatters below
+    # What each destination needs per row: the local id of every choice it hosts (or `local` = not here), weights.
+    here = dest[:, None, :] == devices[None, :, None]  # [T, ep, k]
+    pair_expert = jnp.where(here, (idx % local)[:, None, :], local)
+    pair_weight = jnp.where(here, gate_w[:, None, :], 0.0)
+
+    def scatter(values, fill):
+        buffer = jnp.full((ep, cap, *values.shape[2:]), fill, values.dtype)
+        return buffer.at[devices[None, :], row].set(values, mode="drop")
+
+    send_x = scatter(jnp.broadcast_to(tokens[:, None, :], (num_tokens, ep, dim)), 0)
+    send_e = scatter(pair_expert, local)
+    send_w = scatter(pair_weight, 0.0)
+
+    def exchange(buffer):
+        return lax.all_to_all(buffer, "expert", split_axis=0, concat_axis=0, tiled=True)
+
+    recv_x, recv_e, recv_w = exchange(send_x), exchange(send_e), exchange(send_w)
+    out = _local_experts(
+        recv_x.reshape(ep * cap, dim), recv_e.reshape(ep * cap, top_k), recv_w.reshape(ep * cap, top_k),
+        w_gate, w_up, w_down, gemm,
+    )
+    back = exchange(out.reshape(ep, cap, dim))  # [ep, cap, D]: partial sums for my tokens from each device
+    gathered = back.at[devices[None, :], row].get(mode="fill", fill_value=0.0)  # [T, ep, D]
+    return jnp.sum(gathered, axis=1).astype(x.dtype).reshape(shape)
+
+
+def routed_experts_sharded(
+    x, weights, indices, w_gate, w_up, w_down, mesh: Mesh, batch_axes: tuple[str, ...],
+    capacity_factor: float | None = None, explicit: bool = False, gemm: GroupedGemm = lax.ragged_dot,
+) -> jax.Array:
+    """Routed experts on a mesh: each device routes its own tokens (sorting a sharded token axis would need them
+    gathered). With an `expert` axis, experts are split over it and tokens travel by all-to-all; without one, each
+    device runs all experts (their weights gathered, as FSDP gathers any weight) on its local tokens."""
+    ep = mesh.shape.get("expert", 1)
+    if w_gate.shape[0] % ep:
+        raise ValueError(f"{w_gate.shape[0]} experts do not split over expert={ep} devices")
+    batch = PartitionSpec(batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None), None, None)
+    experts = PartitionSpec("expert" if ep > 1 else None, None, None)
+    specs = (batch, batch, batch, experts, experts, experts)
+    args = (x, weights, indices, w_gate, w_up, w_down)
+    if explicit:  # explicit axes: shard_map's inputs must already have its layouts
+        args = tuple(jax.sharding.reshard(a, spec) for a, spec in zip(args, specs, strict=True))
+
+    def body(*local):
+        if ep > 1:
+            return _dispatch_compute_combine(*local, ep=ep, capacity_factor=capacity_factor, gemm=gemm)
+        return routed_experts(*local, gemm=gemm)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)(*args)

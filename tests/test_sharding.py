@@ -1,0 +1,100 @@
+"""Sharded training on 8 simulated CPU devices against one device: same loss and gradients to 1e-5 under FSDP,
+FSDP+TP, FSDP+EP (all-to-all dispatch) and explicit-axis sharding; mesh errors before compiling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import dsv3c
+from dsv3c.runtime.data import SyntheticStream
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# tiny.dsv3 cut to one dense and one MoE layer: fewer ops to compile for each of the meshes below
+TWO_LAYERS = (EXAMPLES / "tiny.dsv3").read_text().replace("layers 4 { dense_first 1 }", "layers 2 { dense_first 1 }")
+SPEC = dsv3c.parse(TWO_LAYERS)
+BATCH, SEQ = 8, 16
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One device: the state, a batch, and the loss and gradients everything else must reproduce."""
+    assert len(jax.devices()) >= 8, "conftest.py asks for 8 simulated CPU devices"
+    prog = dsv3c.compile(SPEC, batch=BATCH, seq=SEQ)
+    state = prog.init_state(0)
+    state["router_bias"] = {  # nonzero correction biases, so routing depends on them as in training
+        k: v + 0.01 * np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)
+        for k, v in state["router_bias"].items()
+    }
+    tokens = SyntheticStream(256, seed=5).batch(0, BATCH, SEQ + 1)
+    metrics, grads = prog.loss_and_grads(state, {"tokens": tokens})
+    host = jax.tree.map(np.asarray, state)
+    return host, tokens, jax.tree.map(np.asarray, metrics), jax.tree.map(np.asarray, grads)
+
+
+MESHES = {
+    "fsdp8": ({"fsdp": 8}, "auto"),
+    "fsdp4-tp2": ({"fsdp": 4, "tensor": 2}, "auto"),
+    "fsdp2-ep4": ({"fsdp": 2, "expert": 4}, "auto"),
+    "explicit-fsdp2-tp2-ep2": ({"fsdp": 2, "expert": 2, "tensor": 2}, "explicit"),
+}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_loss_and_gradients_match_one_device(name, reference):
+    mesh, mode = MESHES[name]
+    host, tokens, metrics, grads = reference
+    prog = dsv3c.compile(SPEC, batch=BATCH, seq=SEQ, mesh=mesh, shard_mode=mode)
+    sharded = prog.init_state(0)  # laid out on the mesh; then overwritten with the reference values
+    state = jax.tree.map(lambda ref, like: jax.device_put(ref, like.sharding), host, sharded)
+    got_metrics, got_grads = prog.loss_and_grads(state, {"tokens": tokens})
+    for key in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
+        np.testing.assert_allclose(np.asarray(got_metrics[key]), metrics[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(np.asarray(got_metrics["expert_load"]), metrics["expert_load"])
+    for key, expected in grads.items():
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(got_grads[key]), expected, rtol=1e-5, atol=1e-5 * scale, err_msg=key)
+    collectives = prog.report["collectives"]
+    if mesh.get("expert", 1) > 1:
+        assert collectives["all-to-all"]["count"] >= 4  # tokens, their routing, the results: at least
+    assert prog.report["mesh"] == mesh
+    assert prog.report["devices"] == 8
+
+
+def test_parameters_are_laid_out_as_the_ir_says():
+    prog = dsv3c.compile(SPEC, batch=BATCH, seq=SEQ, mesh={"fsdp": 2, "expert": 2, "tensor": 2}, pipeline="")
+    params = prog.init_params(0)
+    specs = {name: tuple(params[name].sharding.spec) for name in ("moe.experts_gate", "embed", "head", "moe.wq_b")}
+    assert specs["moe.experts_gate"][:3] == (None, "expert", "fsdp")  # [layers, exp, embed, mlp]: EP + FSDP
+    assert specs["moe.experts_gate"][3] == "tensor"
+    assert specs["embed"] == (None, ("fsdp", "expert"))  # [vocab, embed]: non-expert weights use expert as FSDP
+    assert specs["head"] == (("fsdp", "expert"), "tensor")  # [embed, vocab]
+    assert specs["moe.wq_b"] == (None, ("fsdp", "expert"), "tensor")  # [layers, q_lora, q_heads]
+    shard = params["moe.experts_gate"].addressable_shards[0].data
+    assert shard.shape == (1, 8 // 2, 64 // 2, 32 // 2)
+
+
+def test_mesh_that_does_not_divide_is_a_positioned_error(tmp_path):
+    path = tmp_path / "m.dsv3"
+    path.write_text((EXAMPLES / "tiny.dsv3").read_text())
+    with pytest.raises(dsv3c.SpecError) as err:
+        dsv3c.compile(path, batch=BATCH, seq=SEQ, mesh={"expert": 3})
+    dim_line = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith("dim "))
+    assert (err.value.path, err.value.line) == (str(path), dim_line)
+    assert "mesh axes expert=3 (3 ways) do not divide 'embed' of size 64" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("mesh", "message"),
+    [
+        ({"model": 2}, "unknown mesh axis 'model'"),
+        ({"fsdp": 16}, "the mesh needs 16 CPU devices but JAX has 8"),
+        ({"data": 8, "fsdp": 1}, "batch 4 does not divide over the batch mesh axes data = 8 devices"),
+    ],
+)
+def test_impossible_meshes_are_user_errors(mesh, message):
+    with pytest.raises(dsv3c.UserError, match=message):
+        dsv3c.compile(SPEC, batch=4, seq=SEQ, mesh=mesh)
