@@ -1,0 +1,78 @@
+"""Parameters on disk for inference: `params.safetensors` (what `dsv3c import-hf --params` writes) or the parameters
+inside a training checkpoint (`runtime/checkpoint.py`), read by IR parameter name.
+
+safetensors has no bfloat16 in NumPy, so bf16 arrays are stored as their uint16 bits with the true dtype in
+`meta.json`, as training checkpoints do."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ..frontend.errors import UserError
+from .model import ParamInfo
+
+PARAMS_FILE = "params.safetensors"
+_BITS = {np.dtype(ml_dtypes.bfloat16): np.uint16}
+
+
+def save_params(directory: str | Path, params: dict[str, np.ndarray]) -> Path:
+    """Writes `directory/params.safetensors` and `meta.json` atomically (temporary names, then renames)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays, dtypes = {}, {}
+    for name, value in params.items():
+        value = np.asarray(value)
+        if value.dtype in _BITS:
+            dtypes[name] = str(value.dtype)
+            value = value.view(_BITS[value.dtype])
+        arrays[name] = np.ascontiguousarray(value)
+    tmp = out / f".{PARAMS_FILE}.tmp"
+    save_file(arrays, str(tmp))
+    meta_tmp = out / ".meta.json.tmp"
+    meta_tmp.write_text(json.dumps({"dtypes": dtypes}, indent=1))
+    for path in (tmp, meta_tmp):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    tmp.replace(out / PARAMS_FILE)
+    meta_tmp.replace(out / "meta.json")
+    return out / PARAMS_FILE
+
+
+def _source(directory: Path) -> tuple[Path, dict[str, str]]:
+    """The safetensors file holding parameters under `directory`, and how its keys name them."""
+    if (directory / PARAMS_FILE).is_file():
+        return directory / PARAMS_FILE, {}
+    step = directory
+    if (directory / "latest").is_file():
+        step = directory / (directory / "latest").read_text().strip()
+    if (step / "state.safetensors").is_file():
+        return step / "state.safetensors", {"params": "['params']['{}']", "router_bias": "['router_bias']['{}']"}
+    raise UserError(f"{directory}: no {PARAMS_FILE}, training checkpoint or state.safetensors found")
+
+
+def load_params(directory: str | Path, infos: dict[str, ParamInfo]) -> dict[str, np.ndarray]:
+    """Every parameter `infos` declares, from `directory`; a missing or misshapen one is an error naming it."""
+    path, key_formats = _source(Path(directory))
+    arrays = load_file(str(path))
+    meta_path = path.parent / "meta.json"
+    dtypes = json.loads(meta_path.read_text()).get("dtypes", {}) if meta_path.is_file() else {}
+    params = {}
+    for name, info in infos.items():
+        keys = [fmt.format(name) for fmt in key_formats.values()] or [name]
+        key = next((k for k in keys if k in arrays), None)
+        if key is None:
+            raise UserError(f"{path}: parameter '{name}' is missing (written for a different model?)")
+        value = arrays[key]
+        if key in dtypes:
+            value = value.view(np.dtype(dtypes[key]))
+        if value.shape != info.shape:
+            got, want = list(value.shape), list(info.shape)
+            raise UserError(f"{path}: parameter '{name}' has shape {got}, the model has {want}")
+        params[name] = value.astype(info.dtype)
+    return params

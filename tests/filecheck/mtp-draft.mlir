@@ -1,0 +1,82 @@
+// RUN: dsv3c opt %s -p dsv3-mtp-draft | filecheck %s
+
+// dsv3-mtp-draft keeps the MTP module for speculative decoding, outlined into a draft function of its own.
+// The main model reports its last hidden state (what MTP reads); @mtp is the MTP module's ops with that hidden
+// state and the next tokens (the offset-1 token window) as arguments, and its logits as output. The shared
+// embedding table and head are declared again by name (one array at run time). MTP's loss, balance loss, load
+// and bias update are dropped, as dsv3-drop-mtp drops them.
+
+// CHECK-LABEL: func.func @model(%tokens: tensor<?x?xi32>) {
+// CHECK:         %logits = dsv3.matmul %h, %head
+// CHECK-NEXT:    dsv3.output %logits {name = "logits"}
+// CHECK-NEXT:    dsv3.output %h {name = "hidden"} : tensor<?x?x16xf32>
+// CHECK:         dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64}
+// CHECK-NOT:     mtp
+// CHECK:         func.return
+// CHECK-NEXT:  }
+// CHECK-NEXT:  func.func @mtp(%hidden: tensor<?x?x16xf32>, %next_tokens: tensor<?x?xi32>) {
+// CHECK-NEXT:    %table = dsv3.param {name = "embed"
+// CHECK-NEXT:    %head = dsv3.param {name = "head"
+// CHECK:         %mtp_emb = dsv3.embed %table, %next_tokens
+// CHECK-NEXT:    %mtp_cat = dsv3.concat %mtp_emb, %hidden
+// CHECK-NEXT:    %mtp_h0 = dsv3.matmul %mtp_cat, %mtp_proj
+// CHECK:         %mtp_h, %mtp_load = dsv3.layer_stack %mtp_h0, %mtp_router, %mtp_bias {count = 1 : i64, kind = "moe"}
+// CHECK:         %mtp_final = dsv3.rms_norm %mtp_h, %mtp_norm
+// CHECK-NEXT:    %mtp_logits = dsv3.matmul %mtp_final, %head
+// CHECK-NEXT:    dsv3.output %mtp_logits {name = "logits"}
+// CHECK-NEXT:    func.return
+// CHECK-NEXT:  }
+
+builtin.module {
+  func.func @model(%tokens: tensor<?x?xi32>) {
+    %ids, %mask = dsv3.token_window %tokens {offset = 0 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
+    %table = dsv3.param {name = "embed", axes = ["vocab", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<64x16xf32>
+    %h0 = dsv3.embed %table, %ids : (tensor<64x16xf32>, tensor<?x?xi32>) -> tensor<?x?x16xf32>
+    %router = dsv3.param {name = "moe.router", axes = ["layers", "embed", "exp"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<2x16x4xf32>
+    %bias = dsv3.param {name = "moe.router_bias", axes = ["layers", "exp"], init = "zeros", trainable = false} : tensor<2x4xf32>
+    %gate = dsv3.param {name = "moe.experts_gate", axes = ["layers", "exp", "embed", "mlp"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<2x4x16x8xf32>
+    %up = dsv3.param {name = "moe.experts_up", axes = ["layers", "exp", "embed", "mlp"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<2x4x16x8xf32>
+    %down = dsv3.param {name = "moe.experts_down", axes = ["layers", "exp", "mlp", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<2x4x8x16xf32>
+    %h, %aux, %load = dsv3.layer_stack %h0, %router, %bias, %gate, %up, %down {count = 2 : i64, kind = "moe"} : (tensor<?x?x16xf32>, tensor<2x16x4xf32>, tensor<2x4xf32>, tensor<2x4x16x8xf32>, tensor<2x4x16x8xf32>, tensor<2x4x8x16xf32>) -> (tensor<?x?x16xf32>, tensor<2xf32>, tensor<2x4xf32>) {
+    ^bb0(%x: tensor<?x?x16xf32>, %rw: tensor<16x4xf32>, %rb: tensor<4xf32>, %wg: tensor<4x16x8xf32>, %wu: tensor<4x16x8xf32>, %wd: tensor<4x8x16xf32>):
+      %weights, %experts, %scores = dsv3.router %x, %rw, %rb {score = "sigmoid", top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %routed = dsv3.experts %x, %weights, %experts, %wg, %wu, %wd : (tensor<?x?x16xf32>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x8xf32>, tensor<4x16x8xf32>, tensor<4x8x16xf32>) -> tensor<?x?x16xf32>
+      %balance = dsv3.balance_loss %scores, %experts {alpha = 1.000000e-04 : f64} : (tensor<?x?x4xf32>, tensor<?x?x2xi32>) -> tensor<f32>
+      %layer_load = dsv3.expert_load %experts {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>
+      %next = dsv3.add %x, %routed : (tensor<?x?x16xf32>, tensor<?x?x16xf32>) -> tensor<?x?x16xf32>
+      dsv3.yield %next, %balance, %layer_load : tensor<?x?x16xf32>, tensor<f32>, tensor<4xf32>
+    }
+    %balance_total = dsv3.sum %aux : (tensor<2xf32>) -> tensor<f32>
+    dsv3.output %balance_total {name = "balance_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %load {name = "expert_load"} : tensor<2x4xf32>
+    dsv3.bias_update %load {param = "moe.router_bias", rate = 1.000000e-02 : f64} : tensor<2x4xf32>
+    %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<16x64xf32>
+    %logits = dsv3.matmul %h, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
+    dsv3.output %logits {name = "logits"} : tensor<?x?x64xf32>
+    %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
+    %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    %mtp_norm = dsv3.param {name = "mtp.0.norm", axes = ["embed"], init = "ones", trainable = true} : tensor<16xf32>
+    %mtp_proj = dsv3.param {name = "mtp.0.eh_proj", axes = ["mlp", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<32x16xf32>
+    %mtp_ids, %mtp_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
+    %mtp_emb = dsv3.embed %table, %mtp_ids : (tensor<64x16xf32>, tensor<?x?xi32>) -> tensor<?x?x16xf32>
+    %mtp_cat = dsv3.concat %mtp_emb, %h : (tensor<?x?x16xf32>, tensor<?x?x16xf32>) -> tensor<?x?x32xf32>
+    %mtp_h0 = dsv3.matmul %mtp_cat, %mtp_proj : (tensor<?x?x32xf32>, tensor<32x16xf32>) -> tensor<?x?x16xf32>
+    %mtp_router = dsv3.param {name = "mtp.0.block.router", axes = ["layers", "embed", "exp"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<1x16x4xf32>
+    %mtp_bias = dsv3.param {name = "mtp.0.block.router_bias", axes = ["layers", "exp"], init = "zeros", trainable = false} : tensor<1x4xf32>
+    %mtp_h, %mtp_load = dsv3.layer_stack %mtp_h0, %mtp_router, %mtp_bias {count = 1 : i64, kind = "moe"} : (tensor<?x?x16xf32>, tensor<1x16x4xf32>, tensor<1x4xf32>) -> (tensor<?x?x16xf32>, tensor<1x4xf32>) {
+    ^bb1(%mx: tensor<?x?x16xf32>, %mrw: tensor<16x4xf32>, %mrb: tensor<4xf32>):
+      %mw, %mi, %ms = dsv3.router %mx, %mrw, %mrb {score = "sigmoid", top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %mload = dsv3.expert_load %mi {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>
+      dsv3.yield %mx, %mload : tensor<?x?x16xf32>, tensor<4xf32>
+    }
+    %mtp_final = dsv3.rms_norm %mtp_h, %mtp_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x16xf32>, tensor<16xf32>) -> tensor<?x?x16xf32>
+    %mtp_logits = dsv3.matmul %mtp_final, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
+    %mtp_labels, %mtp_label_mask = dsv3.token_window %tokens {offset = 2 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
+    %mtp_loss = dsv3.cross_entropy %mtp_logits, %mtp_labels, %mtp_label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
+    dsv3.output %mtp_loss {name = "mtp_loss", weight = 3.000000e-01 : f64} : tensor<f32>
+    dsv3.output %mtp_load {name = "mtp_expert_load"} : tensor<1x4xf32>
+    dsv3.bias_update %mtp_load {param = "mtp.0.block.router_bias", rate = 1.000000e-02 : f64} : tensor<1x4xf32>
+    func.return
+  }
+}
