@@ -196,8 +196,8 @@ class LayerStackOp(_Op):
     """`count` identical layers applied in sequence. Operand 0 is the incoming hidden state; the other operands are
     parameters stacked along a leading axis of size `count`; the region's block takes the hidden state and one layer's
     slice of each parameter. Results: the final hidden state, then each per-layer output stacked. With `remat` (the
-    name of the recompute policy `dsv3-remat` applied), the backward pass keeps only what the layer's
-    `dsv3.checkpoint` tags say (`dialects/remat.py`); without it, everything."""
+    recompute policy `dsv3-remat` applied) other than `none`, the backward pass keeps only what the layer's
+    `dsv3.checkpoint` tags say (`dialects/remat.py`); otherwise, everything."""
 
     name = "dsv3.layer_stack"
     operands_ = var_operand_def()
@@ -562,7 +562,8 @@ class RouterOp(_Op):
 class ExpertsOp(_Op):
     """Routed SwiGLU experts: out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]); w_gate, w_up
     [E, dim, hidden]; w_down [E, hidden, dim]. Dropless unless `capacity_factor` bounds the rows each device sends
-    to each other device under expert parallelism."""
+    to each other device under expert parallelism; `chunks` splits the tokens into independent dispatch/compute/combine
+    pipelines that the scheduler can overlap (the overlap pass sets it)."""
 
     name = "dsv3.experts"
     x = operand_def(TensorType)
@@ -572,12 +573,15 @@ class ExpertsOp(_Op):
     w_up = operand_def(TensorType)
     w_down = operand_def(TensorType)
     capacity_factor = opt_prop_def(FloatAttr)
+    chunks = opt_prop_def(IntegerAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
     def verify_(self) -> None:
         if self.capacity_factor is not None:
             self.expect(self.capacity_factor.value.data > 0, "capacity_factor must be positive")
+        if self.chunks is not None:
+            self.expect(self.chunks.value.data >= 1, "chunks must be at least 1")
         dim = shape_of(self.x)[-1]
         g, u, d = shape_of(self.w_gate), shape_of(self.w_up), shape_of(self.w_down)
         self.expect(len(g) == 3 and g == u, "w_gate and w_up must both be [experts, dim, hidden]")

@@ -9,7 +9,9 @@ from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
 from .program import Program, compile, write_dumps
+from .runtime.hf_import import import_hf
 
 __all__ = [
-    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "load", "parse", "write_dumps",
+    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "import_hf", "load", "parse",
+    "write_dumps",
 ]

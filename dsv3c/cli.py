@@ -88,14 +88,18 @@ def _count(n: int) -> str:
 
 
 def _cmd_opt(args: argparse.Namespace) -> int:
-    from .dialects.text import parse_ir, print_ir
+    from .dialects.text import parse_ir_with_positions, print_ir
     from .pipeline import run_pipeline
 
     path = Path(args.input)
     if not path.exists():
         raise UserError(f"no such file: {path}")
-    module = parse_ir(path.read_text(), str(path))
-    dumps = run_pipeline(module, args.pipeline or "")
+    module, positions = parse_ir_with_positions(path.read_text(), str(path))
+
+    def locate(err: Exception) -> SpecError:
+        return SpecError(str(err), str(path), *positions.get(id(getattr(err, "op", None)), (0, 0)))
+
+    dumps = run_pipeline(module, args.pipeline or "", locate)
     if args.print_between_passes:
         for name, text in dumps:
             print(f"// -----// IR after {name} //----- //\n{text}")
@@ -119,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = TokenFile(args.data, vocab, args.seed) if args.data else SyntheticStream(vocab, args.seed)
     history = train(
         prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
-        save_every=args.save_every, log_every=args.log_every, log=print,
+        save_every=args.save_every, log_every=args.log_every, log=print, metrics_path=args.metrics,
     )
     if history.metrics:
         first, last = history.metrics[0]["loss"], history.metrics[-1]["loss"]
@@ -158,7 +162,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.hf:
         source, params = import_hf(args.hf, dtype=args.dtype)
         _log(f"imported {args.hf}")
-    pipeline = "" if args.no_passes else (args.pipeline or "default")
+    default = "dsv3-mtp-draft,dsv3-mla-absorb,dsv3-kv-cache" if args.speculative else "default"
+    pipeline = "" if args.no_passes else (args.pipeline or default)
     prog = compile(source, mode="decode", batch=len(prompts), seq=max(map(len, prompts)) + args.max_new,
                    pipeline=pipeline, log=_log)
     if params is None:
@@ -167,7 +172,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise UserError(f"--prompt-ids: token ids must be in [0, {vocab})")
     clock = time.perf_counter()
-    out = prog.generate(params, prompts, args.max_new, temperature=args.temperature, seed=args.seed, eos_id=args.eos)
+    if args.speculative:
+        result = prog.generate(params, prompts, args.max_new, speculative=True)
+        out = result.tokens
+        _log(f"MTP draft acceptance {result.acceptance_rate:.1%} "
+             f"({result.drafts_accepted} of {result.drafts_checked} drafts)")
+    else:
+        out = prog.generate(params, prompts, args.max_new, temperature=args.temperature, seed=args.seed,
+                            eos_id=args.eos)
     seconds = time.perf_counter() - clock
     _log(f"generated {out.size} tokens in {seconds:.2f}s including compilation "
          f"(KV cache {prog.report['kv_cache_bytes_per_token']:,} bytes/token)")
@@ -257,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, default=0)
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--metrics", metavar="FILE.jsonl", help="append each step's scalar metrics as a JSON line")
     _add_fp8_option(t)
     t.set_defaults(run=_cmd_train)
 
@@ -270,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eos", type=int, help="stop token: a sequence repeats it once generated")
     g.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype for --hf")
+    g.add_argument("--speculative", action="store_true", help="greedy, drafting one token ahead with the MTP module")
     gp = g.add_mutually_exclusive_group()
     gp.add_argument("-p", dest="pipeline", help="pass pipeline (default: dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache)")
     gp.add_argument("--no-passes", action="store_true")

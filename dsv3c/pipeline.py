@@ -7,16 +7,18 @@ from collections.abc import Callable
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass, PassPipeline
 from xdsl.utils.arg_spec import ArgSpecParseError
+from xdsl.utils.exceptions import PassFailedException
 
 from .dialects.text import make_context, print_ir, verify_ir
 from .frontend.errors import UserError
 from .passes import ALL_PASSES
 
 DEFAULT_PIPELINES = {
-    "train": "",
+    # DeepSeek-V3's recompute policy; `keep` honours one already in the IR (a hand-edited `.mlir`).
+    "train": "dsv3-remat{policy=deepseek keep=true}",
     "forward": "dsv3-drop-mtp",
-    "prefill": "dsv3-drop-mtp",
-    "decode": "dsv3-drop-mtp",
+    "prefill": "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache",
+    "decode": "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache",
 }
 
 
@@ -33,8 +35,11 @@ def parse_pipeline(spec: str, callback: Callable[[ModulePass | None, ModuleOp, M
         raise UserError(f"bad pass pipeline '{spec}': {err} (known passes: {known})") from None
 
 
-def run_pipeline(module: ModuleOp, spec: str) -> list[tuple[str, str]]:
-    """Applies the passes of `spec` in place, verifying after each; returns (pass name, IR text) per pass."""
+def run_pipeline(
+    module: ModuleOp, spec: str, locate: Callable[[PassFailedException], Exception] | None = None
+) -> list[tuple[str, str]]:
+    """Applies the passes of `spec` in place, verifying after each; returns (pass name, IR text) per pass. A pass
+    that refuses the module (a mesh that does not divide, say) becomes a user error, positioned by `locate`."""
     dumps: list[tuple[str, str]] = []
 
     def after_pass(previous: ModulePass | None, op: ModuleOp, _next: ModulePass | None) -> None:
@@ -43,5 +48,8 @@ def run_pipeline(module: ModuleOp, spec: str) -> list[tuple[str, str]]:
             dumps.append((previous.name, print_ir(op)))
 
     if spec.strip():
-        parse_pipeline(spec, after_pass).apply(make_context(), module)
+        try:
+            parse_pipeline(spec, after_pass).apply(make_context(), module)
+        except PassFailedException as err:
+            raise (locate(err) if locate else UserError(str(err))) from None
     return dumps

@@ -25,13 +25,13 @@ from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load
 from .frontend.spec import ModelSpec
-from .passes.shard import ShardingError
 from .pipeline import default_pipeline, run_pipeline
 from .report import build_report, model_flops, roofline
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
 from .runtime.optimizer import make_optimizer
+from .runtime.schedule import compiler_options
 from .runtime.sharding import (
     batch_sharding,
     build_mesh,
@@ -41,13 +41,14 @@ from .runtime.sharding import (
     state_shardings,
 )
 from .runtime.train import TrainState, make_loss_and_grads, make_train_step, split_params
+from .runtime.xla import compile_lowered
 from .targets import Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
 Source = ModelSpec | ModuleOp | str | Path
 
 
-Locator = Callable[[ShardingError], Exception]
+Locator = Callable[[Exception], Exception]
 
 # Where a logical axis's size is written in a spec, to point a sharding error at it.
 _SPEC_FIELD = {
@@ -71,7 +72,9 @@ def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
             raise UserError(f"no such file: {path}")
         if path.suffix == ".mlir":
             module, positions = parse_ir_with_positions(path.read_text(), str(path))
-            return module, lambda err: SpecError(str(err), str(path), *positions.get(id(err.op), (0, 0)))
+            return module, lambda err: SpecError(
+                str(err), str(path), *positions.get(id(getattr(err, "op", None)), (0, 0))
+            )
         source = load(path)
     if isinstance(source, ModuleOp):
         module = source.clone()
@@ -79,9 +82,10 @@ def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
         return module, lambda err: UserError(str(err))
     spec = source
 
-    def locate(err: ShardingError) -> Exception:
-        field = _SPEC_FIELD.get(err.logical or "")
-        if err.logical == "mlp" and err.op is not None:
+    def locate(err: Exception) -> Exception:
+        logical = getattr(err, "logical", None)
+        field = _SPEC_FIELD.get(logical or "")
+        if logical == "mlp" and getattr(err, "op", None) is not None:
             field = "model.dense_ffn.hidden" if err.op.pname.startswith("dense.") else "model.moe.hidden"
         line, col = spec.positions.get(field or "", (0, 0))
         return SpecError(str(err), spec.path, line, col) if line else UserError(str(err))
@@ -201,11 +205,20 @@ class Program:
         if self.mode != "train":
             raise UserError(f"train_step needs a program compiled with mode='train' (this one is '{self.mode}')")
         self._require_local("train_step")
-        tokens = batch["tokens"]
+        tokens = self._global_batch(batch["tokens"])
         with self._on_mesh():
             if self._compiled is not None and tokens.shape == (self.batch, self.seq + 1):
-                return self._compiled(state, {"tokens": jnp.asarray(tokens)})
+                return self._compiled(state, {"tokens": tokens})
             return self._train_step(state, {"tokens": tokens})
+
+    def _global_batch(self, tokens: Any) -> jax.Array:
+        """The token batch as one array over the mesh. Across processes (jax.distributed), every process holds the
+        whole global batch (the data streams are deterministic) and contributes the rows its devices own."""
+        if self.mesh is None or jax.process_count() == 1:
+            return jnp.asarray(tokens)
+        host = np.asarray(tokens)
+        sharding = batch_sharding(self.mesh, host.shape[0])
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     def loss_and_grads(
         self, state: TrainState, batch: dict[str, jax.Array]
@@ -234,17 +247,20 @@ class Program:
         seed: int = 0,
         eos_id: int | None = None,
         return_logits: bool = False,
+        speculative: bool = False,
     ) -> np.ndarray | Generation:
         """Continues each prompt (a list of token ids, or a list of such lists of any lengths) by `max_new_tokens`
         tokens with the latent (or, without `dsv3-mla-absorb`, naive) KV cache: greedy at temperature 0, sampled
-        otherwise. Returns int32 [B, max_new_tokens], or a `Generation` with the logits when `return_logits`."""
+        otherwise. `speculative` drafts with the MTP module (compile with `dsv3-mtp-draft` in the pipeline).
+        Returns int32 [B, max_new_tokens], or a `Generation` (logits, draft acceptance) when `return_logits` or
+        `speculative`."""
         self._require_local("generate")
         if self._decoder is None:
             raise UserError(f"generate needs a program compiled with mode='decode' (this one is '{self.mode}')")
         with self._on_mesh():
             out = self._decoder.generate(params, prompt_ids, max_new_tokens, temperature, seed, eos_id,
-                                         return_logits=return_logits)
-        return out if return_logits else out.tokens
+                                         return_logits=return_logits, speculative=speculative)
+        return out if return_logits or speculative else out.tokens
 
 
 def compile(
@@ -291,11 +307,9 @@ def compile(
     if mesh and "dsv3-shard" not in spec:
         mesh_text = ",".join(f"{axis}={size}" for axis, size in mesh.items())
         shard = f'dsv3-shard{{mesh="{mesh_text}" mode={shard_mode}' + (f' rules="{rules}"' if rules else "") + "}"
-        spec = ",".join(filter(None, [spec, shard]))
-    try:
-        dumps += run_pipeline(module, spec)
-    except ShardingError as err:
-        raise locate(err) from None
+        overlap = f"dsv3-overlap{{platform={tgt.chip.platform}}}" if mode == "train" else ""
+        spec = ",".join(filter(None, [spec, shard, overlap]))
+    dumps += run_pipeline(module, spec, locate)
     seconds["passes"] = time.perf_counter() - clock
     say(f"ran passes [{spec or 'none'}] ({seconds['passes']:.2f}s)")
     fp8_mode, fp8_why = resolve_fp8(module, fp8, tgt)
@@ -312,7 +326,7 @@ def compile(
 
     clock = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled, prog.compiled_text = compile_lowered(lowered, compiler_options(module), tgt.chip.platform)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -321,7 +335,6 @@ def compile(
             f"the {mode} step does not fit on {tgt.name} ({len(device_list)} devices): {detail} Use more chips, "
             "shard more (--mesh), or recompute more (dsv3-remat{policy=full})"
         ) from None
-    prog.compiled_text = compiled.as_text()
     seconds["compile"] = time.perf_counter() - clock
     say(f"compiled with XLA for {tgt.name} on {len(device_list)} device(s) ({seconds['compile']:.2f}s)")
     if mode == "train" and tgt.local:

@@ -38,7 +38,11 @@ def count_params(module: ModuleOp) -> dict[str, int]:
                 if isinstance(operand.owner, dsv3.ParamOp):
                     fraction[operand.owner.pname] = _routed_fraction(op)
     counts = {"total": 0, "active": 0, "mtp_total": 0, "mtp_active": 0}
+    seen: set[str] = set()
     for op in dsv3.walk_params(module):
+        if op.pname in seen:  # a parameter shared by two functions (`@model` and the MTP draft `@mtp`) counts once
+            continue
+        seen.add(op.pname)
         size = math.prod(dsv3.shape_of(op.result))
         routed = "exp" in op.axis_names and "mlp" in op.axis_names
         active = size * fraction.get(op.pname, 1.0) if routed else size
@@ -90,7 +94,9 @@ def flops(compiled: Any) -> float:
 
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
-_WHILE = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r"\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_BOUND = re.compile(r"s32\[\][^=]*constant\((\d+)\)")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 
 
@@ -118,12 +124,22 @@ def _executions(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
         name = pending.pop()
         for line in comps.get(name, []):
             loop = _WHILE.search(line)
-            trips = {loop.group(1): int(loop.group(2))} if loop else {}
+            trips = {loop.group(2): _trip_count(line, comps.get(loop.group(1), []))} if loop else {}
             for callee in _CALLS.findall(line):
                 if callee in comps and callee not in runs:
                     runs[callee] = runs[name] * trips.get(callee, 1)
                     pending.append(callee)
     return runs
+
+
+def _trip_count(while_line: str, condition: list[str]) -> int:
+    """A while loop's trip count: XLA's `known_trip_count` where it kept it, else the bound its condition compares
+    the induction variable with (scans count from 0)."""
+    known = _TRIP_COUNT.search(while_line)
+    if known:
+        return int(known.group(1))
+    bounds = [int(b) for line in condition for b in _BOUND.findall(line)]
+    return max(bounds) if bounds else 1
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -150,6 +166,43 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
             entry_["static"] += 1
             entry_["async"] += int(started)
     return found
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+_COMPUTE = {"fusion", "convolution", "dot", "custom-call"}
+_COLLECTIVE_KINDS = {"all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute"}
+
+
+def overlap(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Per kind of asynchronous collective (`all-to-all-start` ... `all-to-all-done`): how many there are, how many
+    have compute (fusions, dots, convolutions, custom calls) scheduled between start and done, and the mean number of
+    such ops inside. Read off the scheduled HLO, where instruction order is execution order."""
+    comps, _ = _computations(hlo_text)
+    stats: dict[str, dict[str, float]] = {}
+    for lines in comps.values():
+        parsed = [m.groups() for m in map(_INSTRUCTION.match, lines) if m]
+        open_starts: dict[str, tuple[str, int]] = {}
+        for position, (name, opcode, rest) in enumerate(parsed):
+            if opcode.endswith("-start"):
+                # `all-to-all-start` on GPU; on TPU an `async-start` named after what it wraps
+                base = opcode if opcode != "async-start" else (name if "-start" in name else "async-start")
+                kind = re.sub(r"[.\d]+$", "", base.rsplit("-start", 1)[0])
+                if kind in _COLLECTIVE_KINDS:
+                    open_starts[name] = (kind, position)
+            elif opcode.endswith("-done"):
+                operand = re.match(r"\s*%?([\w.\-]+)", rest)
+                started = open_starts.pop(operand.group(1), None) if operand else None
+                if started is None:
+                    continue
+                kind, begin = started
+                inside = sum(1 for _, op, _ in parsed[begin + 1 : position] if op in _COMPUTE)
+                entry = stats.setdefault(kind, {"count": 0, "with_compute": 0, "compute_ops_inside": 0})
+                entry["count"] += 1
+                entry["with_compute"] += int(inside > 0)
+                entry["compute_ops_inside"] += inside
+    for entry in stats.values():
+        entry["mean_compute_ops_inside"] = entry.pop("compute_ops_inside") / entry["count"]
+    return stats
 
 
 def build_report(
@@ -189,6 +242,7 @@ def build_report(
         "flops_per_step": model,
         "xla_flops_per_step": flops(compiled),
         "collectives": comms,
+        "async_overlap": overlap(compiled_text),
         "compile_seconds": compile_seconds,
         "pipeline": pipeline,
         "warnings": [],

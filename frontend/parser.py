@@ -141,8 +141,9 @@ _YARN = Block(
         "original_len": _field(_int("original_len"), required=True),
         "beta_fast": _field(_float("beta_fast")),
         "beta_slow": _field(_float("beta_slow")),
-        "mscale": _field(_float("mscale")),
-        "mscale_all_dim": _field(_float("mscale_all_dim")),
+        # 0 is allowed: HF configs that leave an mscale out mean 0 (no cos/sin ratio, no softmax rescale)
+        "mscale": _field(_float("mscale", NON_NEGATIVE)),
+        "mscale_all_dim": _field(_float("mscale_all_dim", NON_NEGATIVE)),
     },
     YarnSpec,
 )

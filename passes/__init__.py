@@ -19,6 +19,42 @@ def _drop_mtp() -> type[ModulePass]:
     return DropMTP
 
 
+def _fp8_quant() -> type[ModulePass]:
+    from .fp8_quant import FP8Quant
+
+    return FP8Quant
+
+
+def _kv_cache() -> type[ModulePass]:
+    from .kv_cache import KVCache
+
+    return KVCache
+
+
+def _mla_absorb() -> type[ModulePass]:
+    from .mla_absorb import MLAAbsorb
+
+    return MLAAbsorb
+
+
+def _overlap() -> type[ModulePass]:
+    from .overlap import OverlapPass
+
+    return OverlapPass
+
+
+def _remat() -> type[ModulePass]:
+    from .remat import RematPass
+
+    return RematPass
+
+
+def _mtp_draft() -> type[ModulePass]:
+    from .mtp_draft import MTPDraft
+
+    return MTPDraft
+
+
 def _shard() -> type[ModulePass]:
     from .shard import ShardPass
 
@@ -28,5 +64,11 @@ def _shard() -> type[ModulePass]:
 ALL_PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "dsv3-dce": _dce,
     "dsv3-drop-mtp": _drop_mtp,
+    "dsv3-fp8-quant": _fp8_quant,
+    "dsv3-kv-cache": _kv_cache,
+    "dsv3-mla-absorb": _mla_absorb,
+    "dsv3-overlap": _overlap,
+    "dsv3-mtp-draft": _mtp_draft,
+    "dsv3-remat": _remat,
     "dsv3-shard": _shard,
 }

@@ -17,7 +17,7 @@ from xdsl.traits import is_side_effect_free
 class EraseUnusedPureOp(RewritePattern):
     def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
         if op.results and all(not r.uses for r in op.results) and is_side_effect_free(op):
-            rewriter.erase_op(op)
+            rewriter.erase(op)
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,14 @@ class EraseMTPOutput(RewritePattern):
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: dsv3.OutputOp, rewriter: PatternRewriter) -> None:
         if op.output_name.data.startswith("mtp_"):
-            rewriter.erase_op(op)
+            rewriter.erase(op)
 
 
 class EraseMTPBiasUpdate(RewritePattern):
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: dsv3.BiasUpdateOp, rewriter: PatternRewriter) -> None:
         if op.param.data.startswith("mtp."):
-            rewriter.erase_op(op)
+            rewriter.erase(op)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def _remove_previous_sharding(module: ModuleOp) -> None:
         if isinstance(op, MeshOp):
             Rewriter.erase_op(op)
         elif isinstance(op, ShardOp):
-            op.result.replace_by(op.x)
+            op.result.replace_all_uses_with(op.x)
             Rewriter.erase_op(op)
         elif isinstance(op, dsv3.ParamOp) and "sharding" in op.properties:
             del op.properties["sharding"]
@@ -241,7 +241,8 @@ def _gather_weights_where_used(module: ModuleOp) -> None:
     """Explicit mode states every layout change: each layer's slice of a stacked weight (a layer-region argument)
     and each unstacked weight is resharded to its compute layout where it is used."""
     for stack in [op for op in module.walk() if isinstance(op, dsv3.LayerStackOp)]:
-        for operand, arg in zip(stack.operands[1:], stack.body.block.args[1:], strict=True):
+        # reversed: each new shard goes to the block's start, so the region reads in argument order
+        for operand, arg in reversed(list(zip(stack.operands[1:], stack.body.block.args[1:], strict=True))):
             param = operand.owner
             if isinstance(param, dsv3.ParamOp) and param.sharding is not None:
                 stored = param.sharding.axes[1:]  # one layer: without the leading `layers` axis

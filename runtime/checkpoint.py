@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
 from ..frontend.errors import UserError
@@ -23,8 +24,15 @@ _VIEWS = {np.dtype(ml_dtypes.bfloat16): np.uint16}
 
 
 def _flatten(state: Any) -> dict[str, np.ndarray]:
+    """Host copies of every leaf; arrays spread over several processes are gathered first."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    return {jax.tree_util.keystr(path): _to_host(leaf) for path, leaf in leaves}
+
+
+def _to_host(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,6 +45,9 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(directory: str | Path, state: Any, step: int, meta: dict[str, Any] | None = None, keep: int = 3):
     """Writes the state for `step` atomically, points `latest` at it, and keeps the newest `keep` checkpoints."""
+    flat = _flatten(state)  # every process takes part in gathering; only the first writes
+    if jax.process_index() != 0:
+        return None
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -44,7 +55,7 @@ def save_checkpoint(directory: str | Path, state: Any, step: int, meta: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     arrays, dtypes = {}, {}
-    for key, value in _flatten(state).items():
+    for key, value in flat.items():
         if value.dtype in _VIEWS:
             dtypes[key] = str(value.dtype)
             value = value.view(_VIEWS[value.dtype])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,10 +55,12 @@ def train(
     log_every: int = 10,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    metrics_path: str | Path | None = None,
 ) -> TrainLog:
     """Trains `prog` (a train-mode Program) up to `steps` total steps. With `resume`, continues from the latest
     checkpoint in `ckpt`. `stop_after` ends the run early after that many steps of this call (to simulate an
-    interruption). A KeyboardInterrupt saves the last completed step before re-raising."""
+    interruption). `metrics_path` gets one JSON line of scalar metrics per step. A KeyboardInterrupt saves the
+    last completed step before re-raising."""
     say = log or (lambda _msg: None)
     state = prog.init_state(seed)
     start = 0
@@ -83,6 +86,9 @@ def train(
             scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
             history.steps.append(step)
             history.metrics.append(scalars)
+            if metrics_path is not None:
+                with open(metrics_path, "a") as out:
+                    out.write(json.dumps({"step": step, **scalars}) + "\n")
             if "expert_load" in metrics:
                 history.expert_loads.append(np.asarray(metrics["expert_load"]))
             if step % log_every == 0 or step == steps:

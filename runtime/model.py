@@ -36,11 +36,12 @@ def model_func(module: ModuleOp) -> FuncOp:
 
 
 def param_infos(module: ModuleOp) -> dict[str, ParamInfo]:
-    """Every parameter the model declares, by name, in program order."""
+    """Every parameter the model declares, by name, in program order. Functions beside `@model` (the MTP draft
+    `@mtp` of speculative decoding) may re-declare a shared parameter (embedding, head): one name, one array."""
     from .lower.dtypes import result_dtype
 
     infos: dict[str, ParamInfo] = {}
-    for op in dsv3.walk_params(model_func(module)):
+    for op in dsv3.walk_params(module):
         infos[op.pname] = ParamInfo(
             op.pname, dsv3.shape_of(op.result), result_dtype(op.result), op.axis_names, op.init.data,
             0.0 if op.std is None else op.std.value.data, op.bool_prop("trainable"),

@@ -71,7 +71,7 @@ def test_maxtext_test_config_has_its_published_size(tmp_path):
     ("args", "message"),
     [
         (["--target", "tpu-v7-8"], "dsv3c: error: unknown target 'tpu-v7-8'"),
-        (["--target", "tpu-v5p-3"], "not a valid slice size"),
+        (["--target", "tpu-v5p-3"], "is not a v5p slice size"),
         (["--mode", "decode", "-p", "dsv3-drop-mtp"], "mode 'decode' needs the dsv3-kv-cache pass"),
         (["--batch", "0"], "batch and seq must be positive"),
         (["--mesh", "data=two"], "--mesh: expected AXIS=N"),

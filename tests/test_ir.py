@@ -587,7 +587,7 @@ def test_ir_and_stablehlo_do_not_grow_with_depth() -> None:
         module = dsv3c.build_ir(_deep_spec(layers))
         texts[layers] = print_ir(module)
         ops[layers] = [op.name for op in module.walk()]
-        prog = dsv3c.Program(module, resolve_target("cpu"), "forward", BATCH, SEQ, 1)
+        prog = dsv3c.Program(module, resolve_target("cpu"), jax.devices()[:1], "forward", BATCH, SEQ, 1)
         hlos[layers] = prog.lower().as_text()
     assert ops[8] == ops[61] and len(ops[8]) > 50
 

@@ -70,7 +70,7 @@ def test_parameters_are_laid_out_as_the_ir_says():
     specs = {name: tuple(params[name].sharding.spec) for name in ("moe.experts_gate", "embed", "head", "moe.wq_b")}
     assert specs["moe.experts_gate"][:3] == (None, "expert", "fsdp")  # [layers, exp, embed, mlp]: EP + FSDP
     assert specs["moe.experts_gate"][3] == "tensor"
-    assert specs["embed"] == (None, ("fsdp", "expert"))  # [vocab, embed]: non-expert weights use expert as FSDP
+    assert specs["embed"] == ("tensor", ("fsdp", "expert"))  # [vocab, embed]: expert serves as FSDP here
     assert specs["head"] == (("fsdp", "expert"), "tensor")  # [embed, vocab]
     assert specs["moe.wq_b"] == (None, ("fsdp", "expert"), "tensor")  # [layers, q_lora, q_heads]
     shard = params["moe.experts_gate"].addressable_shards[0].data
@@ -98,3 +98,29 @@ def test_mesh_that_does_not_divide_is_a_positioned_error(tmp_path):
 def test_impossible_meshes_are_user_errors(mesh, message):
     with pytest.raises(dsv3c.UserError, match=message):
         dsv3c.compile(SPEC, batch=4, seq=SEQ, mesh=mesh)
+
+
+def test_group_limited_routing_reaches_at_most_keep_groups_devices():
+    """With groups laid out along the expert axis (8 experts, 4 groups on 4 devices), every token's top-k experts live
+    on at most keep_groups devices, so dispatch sends it to at most that many (DeepSeek-V3's node limit M)."""
+    from dsv3c.runtime.lower.moe import route
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 64, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    bias = 0.1 * rng.standard_normal(8).astype(np.float32)
+    _, indices, _ = route(x, w, bias, score="sigmoid", top_k=3, groups=4, keep_groups=2, scale=1.0, normalize=True)
+    devices_per_token = [len(set(row)) for row in (np.asarray(indices).reshape(-1, 3) // 2).tolist()]
+    assert max(devices_per_token) == 2
+
+
+def test_sharding_an_already_sharded_module_replaces_its_decisions():
+    from dsv3c.dialects.text import make_context, print_ir
+    from dsv3c.pipeline import parse_pipeline
+
+    module = dsv3c.build_ir(SPEC)
+    parse_pipeline('dsv3-shard{mesh="fsdp=8"}').apply(make_context(), module)
+    parse_pipeline('dsv3-shard{mesh="fsdp=2,tensor=4"}').apply(make_context(), module)
+    text = print_ir(module)
+    assert text.count("dsv3.mesh") == 1 and 'shape = [2 : i64, 4 : i64]' in text
+    assert '{"fsdp"}, {}, {}, {}]' not in text and "fsdp=8" not in text

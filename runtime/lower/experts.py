@@ -118,9 +118,24 @@ def _dispatch_compute_combine(
     return jnp.sum(gathered, axis=1).astype(x.dtype).reshape(shape)
 
 
+def _in_chunks(x, weights, indices, w_gate, w_up, w_down, *, chunks: int, **options) -> jax.Array:
+    """Independent dispatch/compute/combine pipelines over token chunks: no data flows between them, so the
+    latency-hiding scheduler can run one chunk's all-to-all under another's expert GEMMs."""
+    tokens = x.shape[0] * x.shape[1]
+    if chunks <= 1 or tokens % chunks:
+        return _dispatch_compute_combine(x, weights, indices, w_gate, w_up, w_down, **options)
+    per_chunk = [a.reshape(chunks, 1, tokens // chunks, a.shape[-1]) for a in (x, weights, indices)]
+    pieces = [
+        _dispatch_compute_combine(*(a[c] for a in per_chunk), w_gate, w_up, w_down, **options)
+        for c in range(chunks)
+    ]
+    return jnp.concatenate(pieces, axis=1).reshape(x.shape)
+
+
 def routed_experts_sharded(
     x, weights, indices, w_gate, w_up, w_down, mesh: Mesh, batch_axes: tuple[str, ...],
     capacity_factor: float | None = None, explicit: bool = False, gemm: GroupedGemm = lax.ragged_dot,
+    chunks: int = 1,
 ) -> jax.Array:
     """Routed experts on a mesh: each device routes its own tokens (sorting a sharded token axis would need them
     gathered). With an `expert` axis, experts are split over it and tokens travel by all-to-all; without one, each
@@ -137,7 +152,7 @@ def routed_experts_sharded(
 
     def body(*local):
         if ep > 1:
-            return _dispatch_compute_combine(*local, ep=ep, capacity_factor=capacity_factor, gemm=gemm)
+            return _in_chunks(*local, chunks=chunks, ep=ep, capacity_factor=capacity_factor, gemm=gemm)
         return routed_experts(*local, gemm=gemm)
 
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)(*args)

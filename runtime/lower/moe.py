@@ -5,11 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from ...dialects import dsv3
 from ...dialects.sharding import BATCH_AXES
 from .experts import routed_experts, routed_experts_sharded
 from .registry import LoweringContext, register_lowering
+from .tensor import explicit_spec
 
 
 def route(
@@ -23,12 +25,13 @@ def route(
     keep_groups: int,
     scale: float,
     normalize: bool,
+    logits_sharding: PartitionSpec | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (gate weights [..., k] f32, expert indices [..., k] i32, scores [..., E] f32).
 
     The gate runs in float32 (V3 keeps it out of low precision). The bias only steers selection; the weights come
-    from the unbiased scores."""
-    logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+    from the unbiased scores. `logits_sharding` states the gate's output layout under explicit-axis sharding."""
+    logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), out_sharding=logits_sharding)
     scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     experts = scores.shape[-1]
     biased = scores + bias.astype(jnp.float32)
@@ -48,10 +51,12 @@ def route(
 
 
 @register_lowering(dsv3.RouterOp)
-def _router(op: dsv3.RouterOp, args, ctx):
+def _router(op: dsv3.RouterOp, args, ctx: LoweringContext):
+    explicit = ctx.explicit and ctx.mesh is not None
     return route(
         *args, score=op.score.data, top_k=op.int_prop("top_k"), groups=op.int_prop("groups"),
         keep_groups=op.int_prop("keep_groups"), scale=op.float_prop("scale"), normalize=op.bool_prop("normalize"),
+        logits_sharding=PartitionSpec(*explicit_spec(args[0])[:-1], None) if explicit else None,
     )
 
 
@@ -60,7 +65,9 @@ def _experts(op: dsv3.ExpertsOp, args, ctx: LoweringContext):
     mesh = ctx.mesh
     if mesh is not None:
         batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-        return [routed_experts_sharded(*args, mesh, batch_axes, op.opt_float_prop("capacity_factor"), ctx.explicit)]
+        chunks = op.int_prop("chunks") if op.chunks is not None else 1
+        capacity_factor = op.opt_float_prop("capacity_factor")
+        return [routed_experts_sharded(*args, mesh, batch_axes, capacity_factor, ctx.explicit, chunks=chunks)]
     return [routed_experts(*args)]
 
 

@@ -7,6 +7,7 @@ from jax import lax
 
 from ...dialects import dsv3
 from .registry import LoweringContext, LoweringError, lower_region_block, register_lowering
+from .remat import remat_policy
 
 
 @register_lowering(dsv3.ParamOp)
@@ -20,13 +21,18 @@ def _param(op: dsv3.ParamOp, args, ctx: LoweringContext):
 
 @register_lowering(dsv3.LayerStackOp)
 def _layer_stack(op: dsv3.LayerStackOp, args, ctx: LoweringContext):
-    """One `lax.scan` over the stacked parameters: the region is traced once, whatever the layer count."""
+    """One `lax.scan` over the stacked parameters: the region is traced once, whatever the layer count. A stack with
+    a `remat` policy scans a `jax.checkpoint`ed layer, so backward keeps only the values the layer's tags save."""
     block = op.body.block
 
     def layer(hidden: jax.Array, layer_params: tuple[jax.Array, ...]):
         hidden_out, *per_layer = lower_region_block(block, [hidden, *layer_params], ctx)
         return hidden_out, tuple(per_layer)
 
+    if op.remat is not None and op.remat.data != "none":
+        # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation back into the forward
+        # pass (JAX's advice for checkpoint under scan), and the barriers it would add cost fusion.
+        layer = jax.checkpoint(layer, policy=remat_policy(block), prevent_cse=False)
     hidden, stacked_outputs = lax.scan(layer, args[0], tuple(args[1:]))
     return [hidden, *stacked_outputs]
 

@@ -44,7 +44,7 @@ def _embed(op: dsv3.EmbedOp, args, ctx: LoweringContext):
     return [jnp.take(table, ids, axis=0).astype(result_dtype(op.result))]
 
 
-def _spec(value: jax.Array) -> tuple:
+def explicit_spec(value: jax.Array) -> tuple:
     """The explicit-axis partition spec of a traced value, one entry per dimension."""
     spec = tuple(jax.typeof(value).sharding.spec)
     return spec + (None,) * (value.ndim - len(spec))
@@ -58,7 +58,7 @@ def _matmul(op: dsv3.MatmulOp, args, ctx: LoweringContext):
     if ctx.explicit and ctx.mesh is not None:
         # a contraction over a tensor-sharded dimension is ambiguous in explicit mode: the result keeps x's leading
         # layout and w's output-dimension layout (so row-parallel layers end in a reduction)
-        layout = PartitionSpec(*_spec(x)[:-1], _spec(w)[-1])
+        layout = PartitionSpec(*explicit_spec(x)[:-1], explicit_spec(w)[-1])
         y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate, out_sharding=layout)
     else:
         y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate)
