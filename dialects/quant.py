@@ -114,15 +114,25 @@ class QuantAttr(ParametrizedAttribute):
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> list[Attribute]:
+        """`<f8E4M3FN, [1, 128], amax>` or `<f8E4M3FN, tensor, pow2>`; mistakes are reported where they are."""
         with parser.in_angle_brackets():
+            start = parser.pos
             dtype = parser.parse_type()
+            if fp8_name(dtype) is None:
+                parser.raise_error(f"{dtype} is not an FP8 type (f8E4M3FN or f8E5M2)", start, parser.pos)
             parser.parse_punctuation(",")
+            start = parser.pos
             if parser.parse_optional_keyword("tensor"):
                 tile = [0, 0]
             else:
                 tile = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parser.parse_integer)
+                if len(tile) != 2 or min(tile) < 0:
+                    parser.raise_error("a tile is [rows, cols] with sizes >= 0 (0: the whole axis)", start, parser.pos)
             parser.parse_punctuation(",")
+            start = parser.pos
             rule = parser.parse_identifier("scale rule (amax or pow2)")
+            if rule not in SCALE_RULES:
+                parser.raise_error(f"scale rule must be one of {', '.join(SCALE_RULES)}", start, parser.pos)
         return [dtype, ArrayAttr([IntAttr(t) for t in tile]), StringAttr(rule)]
 
     def print_parameters(self, printer: Printer) -> None:

@@ -600,3 +600,20 @@ def test_gpu_target_compiles_fp8_gemms_forward_and_backward(tmp_path):
     backward = [d for d in dots if "transpose(" in d]
     assert len(forward) >= 8 and len(backward) >= 16, (len(forward), len(backward))
     assert any("ragged" in d for d in forward) and any("tk,tn->kn" in d for d in backward)  # expert GEMMs, both ways
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("#dsv3.quant<f8E4M3FN, [1, 32], amax>", "#dsv3.quant<f16, [1, 32], amax>"), "f16 is not an FP8 type"),
+        (("#dsv3.quant<f8E4M3FN, [1, 32], amax>", "#dsv3.quant<f8E4M3FN, [1, 32], max>"), "scale rule must be one of"),
+        (("tensor<2x1xf32>", "tensor<2x2xf32>"), "w scales are 2x2, expected 2x1"),
+        (("grad_quant = #dsv3.quant<f8E4M3FN, [1, 32]", "grad_quant = #dsv3.quant<f8E4M3FN, [1, 16]"),
+         "the dY tile (16) must equal the weight's block width (32)"),
+    ],
+)
+def test_bad_fp8_ir_is_reported_where_it_is(edit, message):
+    text = linear_ir(8, 64, 32, 32)
+    with pytest.raises(dsv3c.SpecError, match=re.escape(message)) as info:
+        parse_ir(text.replace(*edit), "q.mlir")
+    assert info.value.line > 0
