@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from xdsl.dialects.func import FuncOp
+from ir_eval import ir_function
 
 import dsv3c
 from dsv3c.cli import main
@@ -31,7 +31,6 @@ from dsv3c.pipeline import run_pipeline
 from dsv3c.runtime.data import SyntheticStream
 from dsv3c.runtime.fp8_weights import from_hf_block_fp8, store_fp8
 from dsv3c.runtime.loop import train
-from dsv3c.runtime.lower import LoweringContext, lower_block
 
 NP_FP8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 IR_FP8 = {"e4m3": "f8E4M3FN", "e5m2": "f8E5M2"}
@@ -113,21 +112,6 @@ def np_fp8_linear(x, w, g, block: int, per_tensor: bool = False, grad_fmt: str =
 # ---------------------------------------------------------------------------------------------------------------
 # IR helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def ir_function(text: str):
-    """A jitted function evaluating the single `func.func` of `text` through the lowering registry."""
-    module = parse_ir(text)
-    (func,) = [op for op in module.ops if isinstance(op, FuncOp)]
-    block = func.body.block
-
-    def run(*args):
-        ctx = LoweringContext(params={})
-        for arg, value in zip(block.args, args, strict=True):
-            ctx.env[arg] = value
-        return lower_block(block, ctx)
-
-    return run
 
 
 def quant(fmt: str, tile: str, rule: str = "amax") -> str:

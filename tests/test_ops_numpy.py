@@ -14,12 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref  # tests/ is on sys.path under pytest's default import mode
 import pytest
+from ir_eval import ir_function as evaluate_ir
 from numpy_reference import Config, Yarn
-from xdsl.dialects.func import FuncOp
 
 import dsv3c
-from dsv3c.dialects.text import parse_ir
-from dsv3c.runtime.lower import LoweringContext, lower_block
 from dsv3c.runtime.model import run_model
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -45,19 +43,8 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
 
 
 def ir_function(text: str):
-    """Parses (and verifies) a module holding one `func.func`; returns a jitted function that binds the block
-    arguments, lowers the body with `lower_block` and returns what `func.return` returns."""
-    module = parse_ir(text)
-    (func,) = [op for op in module.ops if isinstance(op, FuncOp)]
-    block = func.body.block
-
-    def run(*args):
-        ctx = LoweringContext(params={})
-        for arg, value in zip(block.args, args, strict=True):
-            ctx.env[arg] = value
-        return lower_block(block, ctx)
-
-    return jax.jit(run)
+    """The IR function of `text` (tests/ir_eval.py), jitted."""
+    return jax.jit(evaluate_ir(text))
 
 
 def _types(types: list[str]) -> str:

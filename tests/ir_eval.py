@@ -1,0 +1,24 @@
+"""Evaluating a small piece of dsv3 IR through the lowering registry, for op-level tests."""
+
+from __future__ import annotations
+
+from xdsl.dialects.func import FuncOp
+
+from dsv3c.dialects.text import parse_ir
+from dsv3c.runtime.lower import LoweringContext, lower_block
+
+
+def ir_function(text: str):
+    """Parses (and verifies) a module holding one `func.func`; returns a function that binds the block arguments,
+    lowers the body with `lower_block` and returns what `func.return` returns (jit it to trace once)."""
+    module = parse_ir(text)
+    (func,) = [op for op in module.ops if isinstance(op, FuncOp)]
+    block = func.body.block
+
+    def run(*args):
+        ctx = LoweringContext(params={})
+        for arg, value in zip(block.args, args, strict=True):
+            ctx.env[arg] = value
+        return lower_block(block, ctx)
+
+    return run
