@@ -45,6 +45,8 @@ from xdsl.traits import IsTerminator, Pure, RecursiveMemoryEffect
 from xdsl.utils.exceptions import VerifyException
 
 from .attributes import ShardingAttr
+from .kernels import ATTENTION_KERNELS, EXPERT_KERNELS, Kernel, KernelAttr
+from .quant_attr import QuantAttr, check_tiling
 
 DYN = DYNAMIC_INDEX
 
@@ -105,6 +107,20 @@ class _Op(IRDLOperation):
 
     def opt_float_prop(self, name: str) -> float | None:
         return self.float_prop(name) if name in self.properties else None
+
+    KERNELS: ClassVar[tuple[Kernel, ...]] = ()
+    """The kernels this op may be lowered to (`kernel` attribute); empty for ops without a choice."""
+
+    def kernel_choice(self) -> Kernel | None:
+        """The kernel the IR asks for, None for the op's plain lowering."""
+        attr = self.properties.get("kernel")
+        return attr.data if isinstance(attr, KernelAttr) else None
+
+    def verify_kernel(self) -> None:
+        kernel = self.kernel_choice()
+        if kernel is not None:
+            allowed = ", ".join(k.value for k in self.KERNELS)
+            self.expect(kernel in self.KERNELS, f"kernel '{kernel.value}' is not one of this op's ({allowed})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,10 +486,14 @@ class AttentionOp(_Op):
     k_pe = operand_def(TensorType)
     v = operand_def(TensorType)
     scale = prop_def(FloatAttr)
+    kernel = opt_prop_def(KernelAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    KERNELS: ClassVar[tuple[Kernel, ...]] = ATTENTION_KERNELS
+
     def verify_(self) -> None:
+        self.verify_kernel()
         qn, qp, kn, kp, v = (shape_of(x) for x in (self.q_nope, self.q_pe, self.k_nope, self.k_pe, self.v))
         self.expect(len(qn) == 4 and len(kp) == 3, "q/k/v must be [B,S,H,d] and k_pe [B,S,r]")
         self.expect(qn[2] == kn[2] == v[2] == qp[2], "q, k and v must have the same number of heads")
@@ -563,7 +583,12 @@ class ExpertsOp(_Op):
     """Routed SwiGLU experts: out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]); w_gate, w_up
     [E, dim, hidden]; w_down [E, hidden, dim]. Dropless unless `capacity_factor` bounds the rows each device sends
     to each other device under expert parallelism; `chunks` splits the tokens into independent dispatch/compute/combine
-    pipelines that the scheduler can overlap (the overlap pass sets it)."""
+    pipelines that the scheduler can overlap (the overlap pass sets it); `kernel` picks the grouped GEMM.
+
+    With `x_quant`, `w_quant` and `grad_quant` (set by `dsv3-fp8-quant`) the three grouped GEMMs run in FP8 as
+    `dsv3.fp8_matmul` does: each routed row quantised per `x_quant` tile, each expert's weights per `w_quant` block,
+    the backward GEMMs too; for the weight gradient each expert's rows are padded to whole row tiles so that no scale
+    is shared between two experts. Gate weights and the final combination stay in FP32."""
 
     name = "dsv3.experts"
     x = operand_def(TensorType)
@@ -574,10 +599,25 @@ class ExpertsOp(_Op):
     w_down = operand_def(TensorType)
     capacity_factor = opt_prop_def(FloatAttr)
     chunks = opt_prop_def(IntegerAttr)
+    kernel = opt_prop_def(KernelAttr)
+    x_quant = opt_prop_def(QuantAttr)
+    w_quant = opt_prop_def(QuantAttr)
+    grad_quant = opt_prop_def(QuantAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    KERNELS: ClassVar[tuple[Kernel, ...]] = EXPERT_KERNELS
+
+    @property
+    def quantized(self) -> bool:
+        return self.x_quant is not None
+
     def verify_(self) -> None:
+        self.verify_kernel()
+        quants = (self.x_quant, self.w_quant, self.grad_quant)
+        self.expect(all(q is None for q in quants) or None not in quants, "x_quant, w_quant and grad_quant go together")
+        if self.x_quant is not None and self.w_quant is not None and self.grad_quant is not None:
+            check_tiling(self, self.x_quant, self.w_quant, self.grad_quant)
         if self.capacity_factor is not None:
             self.expect(self.capacity_factor.value.data > 0, "capacity_factor must be positive")
         if self.chunks is not None:

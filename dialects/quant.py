@@ -11,7 +11,8 @@ Ops:
 - `dsv3.dequantize`: the inverse (weight-only FP8 inference keeps weights in FP8 storage and widens them here);
 - `dsv3.fp8_matmul`: the dequantised product of two quantised operands, FP8 products accumulated in FP32 per
   K-block and scaled into the result; its backward GEMMs run in FP8 too (`grad_quant`);
-- `dsv3.fp8_experts`: `dsv3.experts` with its three grouped GEMMs quantised the same way.
+The routed experts are not a separate op: `dsv3.experts` carries the same three attributes when its grouped GEMMs
+run in FP8 (an optional attribute, so nothing else the op carries is lost when the pass quantises it).
 """
 
 from __future__ import annotations
@@ -20,127 +21,27 @@ import math
 from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
-    ArrayAttr,
-    Float8E4M3FNType,
-    Float8E5M2Type,
     Float32Type,
-    FloatAttr,
-    IntAttr,
-    StringAttr,
     TensorType,
 )
-from xdsl.ir import Attribute, ParametrizedAttribute, SSAValue
+from xdsl.ir import SSAValue
 from xdsl.irdl import (
-    irdl_attr_definition,
     irdl_op_definition,
     operand_def,
-    opt_prop_def,
     prop_def,
     result_def,
     traits_def,
 )
-from xdsl.parser import AttrParser
-from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
 from .dsv3 import DYN, _fmt, _Op, _same_shape, shape_of
+from .quant_attr import FP8_MAX, FP8_TYPES, SCALE_RULES, QuantAttr, check_tiling, fp8_name
 
-FP8_TYPES: dict[str, type[Attribute]] = {"e4m3": Float8E4M3FNType, "e5m2": Float8E5M2Type}
-"""Short format names (pass options, reports) to the IR's FP8 element types."""
-
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
-"""The largest finite value of each format: a tile's amax maps onto it."""
-
-SCALE_RULES = ("amax", "pow2")
-
-
-def fp8_name(element_type: Attribute) -> str | None:
-    """`e4m3`/`e5m2` for an FP8 element type, None for anything else."""
-    for name, cls in FP8_TYPES.items():
-        if isinstance(element_type, cls):
-            return name
-    return None
-
-
-@irdl_attr_definition
-class QuantAttr(ParametrizedAttribute):
-    """How a tensor is quantised: `#dsv3.quant<FP8 type, [rows, cols], rule>`.
-
-    The tensor is read as a matrix (the leading axes of an activation flattened into rows, its last axis the
-    columns); every `rows x cols` tile shares one f32 scale (0 means the whole axis: `tensor` is `[0, 0]`, one scale
-    for everything, the common per-tensor recipe). `amax` sets scale = amax / FP8_MAX, DeepSeek-V3's online rule;
-    `pow2` rounds that scale up to a power of two, so scaling and unscaling are exact. Edges that a tile does not
-    fill are padded with zeros, which changes neither amax nor any dot product."""
-
-    name = "dsv3.quant"
-
-    dtype: Attribute
-    tile: ArrayAttr[IntAttr]
-    rule: StringAttr
-
-    def __init__(self, fmt: str, tile: Sequence[int], rule: str = "amax"):
-        super().__init__(FP8_TYPES[fmt](), ArrayAttr([IntAttr(t) for t in tile]), StringAttr(rule))
-
-    @property
-    def fmt(self) -> str:
-        name = fp8_name(self.dtype)
-        assert name is not None
-        return name
-
-    @property
-    def rows(self) -> int:
-        return self.tile.data[0].data
-
-    @property
-    def cols(self) -> int:
-        return self.tile.data[1].data
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.rows == 0 and self.cols == 0
-
-    @property
-    def pow2(self) -> bool:
-        return self.rule.data == "pow2"
-
-    def verify(self) -> None:
-        if fp8_name(self.dtype) is None:
-            raise VerifyException(f"#dsv3.quant: {self.dtype} is not an FP8 type (f8E4M3FN or f8E5M2)")
-        if len(self.tile.data) != 2 or any(t.data < 0 for t in self.tile.data):
-            raise VerifyException("#dsv3.quant: the tile is [rows, cols] with sizes >= 0 (0: the whole axis)")
-        if self.rule.data not in SCALE_RULES:
-            raise VerifyException(f"#dsv3.quant: scale rule must be one of {', '.join(SCALE_RULES)}")
-
-    @classmethod
-    def parse_parameters(cls, parser: AttrParser) -> list[Attribute]:
-        """`<f8E4M3FN, [1, 128], amax>` or `<f8E4M3FN, tensor, pow2>`; mistakes are reported where they are."""
-        with parser.in_angle_brackets():
-            start = parser.pos
-            dtype = parser.parse_type()
-            if fp8_name(dtype) is None:
-                parser.raise_error(f"{dtype} is not an FP8 type (f8E4M3FN or f8E5M2)", start, parser.pos)
-            parser.parse_punctuation(",")
-            start = parser.pos
-            if parser.parse_optional_keyword("tensor"):
-                tile = [0, 0]
-            else:
-                tile = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parser.parse_integer)
-                if len(tile) != 2 or min(tile) < 0:
-                    parser.raise_error("a tile is [rows, cols] with sizes >= 0 (0: the whole axis)", start, parser.pos)
-            parser.parse_punctuation(",")
-            start = parser.pos
-            rule = parser.parse_identifier("scale rule (amax or pow2)")
-            if rule not in SCALE_RULES:
-                parser.raise_error(f"scale rule must be one of {', '.join(SCALE_RULES)}", start, parser.pos)
-        return [dtype, ArrayAttr([IntAttr(t) for t in tile]), StringAttr(rule)]
-
-    def print_parameters(self, printer: Printer) -> None:
-        with printer.in_angle_brackets():
-            printer.print_attribute(self.dtype)
-            tile = "tensor" if self.per_tensor else f"[{self.rows}, {self.cols}]"
-            printer.print_string(f", {tile}, {self.rule.data}")
-
+__all__ = [
+    "FP8_MAX", "FP8_TYPES", "SCALE_RULES", "DequantizeOp", "FP8MatmulOp", "QuantAttr", "QuantizeOp", "fp8_name",
+    "scale_shape",
+]
 
 def scale_shape(shape: Sequence[int], quant: QuantAttr) -> tuple[int, ...]:
     """The shape of the scales of a tensor quantised by `quant`: one entry per tile. Tiles of one row (or of the
@@ -237,50 +138,8 @@ class FP8MatmulOp(_Op):
         self.expect(_same_shape(rs, (*xs[:-1], ws[1])), f"result {_fmt(rs)} should be {_fmt((*xs[:-1], ws[1]))}")
         _check_quantised(self, self.x, self.x_scales, self.x_quant, "x")
         _check_quantised(self, self.w, self.w_scales, self.w_quant, "w")
-        _check_tiling(self, self.x_quant, self.w_quant, self.grad_quant)
+        check_tiling(self, self.x_quant, self.w_quant, self.grad_quant)
 
 
-def _check_tiling(op: _Op, xq: QuantAttr, wq: QuantAttr, gq: QuantAttr) -> None:
-    """The three tilings describe one consistent recipe: all per-tensor, or 1 x b activation tiles, b x b weight
-    blocks and 1 x b gradient tiles (the K-block of each GEMM is then b)."""
-    if xq.per_tensor or wq.per_tensor or gq.per_tensor:
-        op.expect(xq.per_tensor and wq.per_tensor and gq.per_tensor, "per-tensor scaling must apply to x, w and dY")
-        return
-    op.expect(xq.rows == 1 and gq.rows == 1, "activation and gradient tiles must be one row high (1 x block)")
-    op.expect(xq.cols == wq.rows, f"the K-block of x ({xq.cols}) must equal the weight's block height ({wq.rows})")
-    op.expect(gq.cols == wq.cols, f"the dY tile ({gq.cols}) must equal the weight's block width ({wq.cols})")
-
-
-@irdl_op_definition
-class FP8ExpertsOp(_Op):
-    """`dsv3.experts` with FP8 grouped GEMMs: each routed row is quantised per `x_quant` tile, each expert's
-    weights per `w_quant` block, and the three GEMMs (gate, up, down) and their backward GEMMs run as in
-    `dsv3.fp8_matmul`. For the weight gradient, each expert's rows are padded to whole row tiles so that no scale
-    is shared between two experts. Gate weights and the final combination stay in FP32."""
-
-    name = "dsv3.fp8_experts"
-    x = operand_def(TensorType)
-    weights = operand_def(TensorType)
-    indices = operand_def(TensorType)
-    w_gate = operand_def(TensorType)
-    w_up = operand_def(TensorType)
-    w_down = operand_def(TensorType)
-    x_quant = prop_def(QuantAttr)
-    w_quant = prop_def(QuantAttr)
-    grad_quant = prop_def(QuantAttr)
-    capacity_factor = opt_prop_def(FloatAttr)
-    result = result_def(TensorType)
-    traits = traits_def(Pure())
-
-    def verify_(self) -> None:
-        dim = shape_of(self.x)[-1]
-        g, u, d = shape_of(self.w_gate), shape_of(self.w_up), shape_of(self.w_down)
-        self.expect(len(g) == 3 and g == u, "w_gate and w_up must both be [experts, dim, hidden]")
-        self.expect(g[1] == dim, f"expert input width {g[1]} != {dim}")
-        self.expect(d == (g[0], g[2], dim), f"w_down must be [{g[0]}, {g[2]}, {dim}], got {_fmt(d)}")
-        self.expect(shape_of(self.weights)[-1] == shape_of(self.indices)[-1], "weights and indices disagree on top_k")
-        _check_tiling(self, self.x_quant, self.w_quant, self.grad_quant)
-
-
-QUANT_OPS = [QuantizeOp, DequantizeOp, FP8MatmulOp, FP8ExpertsOp]
+QUANT_OPS = [QuantizeOp, DequantizeOp, FP8MatmulOp]
 QUANT_ATTRS = [QuantAttr]

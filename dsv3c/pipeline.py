@@ -1,8 +1,9 @@
-"""The pass pipeline: parsing `-p` specs, the default pipeline per mode, and the dump after every pass."""
+"""The pass pipeline: parsing `-p` specs into pass objects, running passes with a verified dump after each. The
+default pipeline of each mode belongs to the target (`dsv3c/targets.py`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass, PassPipeline
@@ -12,18 +13,6 @@ from xdsl.utils.exceptions import PassFailedException
 from .dialects.text import make_context, print_ir, verify_ir
 from .frontend.errors import UserError
 from .passes import ALL_PASSES
-
-DEFAULT_PIPELINES = {
-    # DeepSeek-V3's recompute policy; `keep` honours one already in the IR (a hand-edited `.mlir`).
-    "train": "dsv3-remat{policy=deepseek keep=true}",
-    "forward": "dsv3-drop-mtp",
-    "prefill": "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache",
-    "decode": "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache",
-}
-
-
-def default_pipeline(mode: str) -> str:
-    return DEFAULT_PIPELINES[mode]
 
 
 def parse_pipeline(spec: str, callback: Callable[[ModulePass | None, ModuleOp, ModulePass | None], None] | None = None):
@@ -35,11 +24,24 @@ def parse_pipeline(spec: str, callback: Callable[[ModulePass | None, ModuleOp, M
         raise UserError(f"bad pass pipeline '{spec}': {err} (known passes: {known})") from None
 
 
+def parse_passes(spec: str) -> list[ModulePass]:
+    """The pass objects of `mlir-opt`-style text."""
+    return list(parse_pipeline(spec).passes) if spec.strip() else []
+
+
+def pipeline_text(passes: Sequence[ModulePass]) -> str:
+    """The `-p` text of a list of passes (what the report and the progress line show)."""
+    return ",".join(str(p.pipeline_pass_spec()) for p in passes)
+
+
 def run_pipeline(
-    module: ModuleOp, spec: str, locate: Callable[[PassFailedException], Exception] | None = None
+    module: ModuleOp,
+    passes: str | Sequence[ModulePass],
+    locate: Callable[[PassFailedException], Exception] | None = None,
 ) -> list[tuple[str, str]]:
-    """Applies the passes of `spec` in place, verifying after each; returns (pass name, IR text) per pass. A pass
-    that refuses the module (a mesh that does not divide, say) becomes a user error, positioned by `locate`."""
+    """Applies `passes` (objects, or `-p` text) in place, verifying after each; returns (pass name, IR text) per
+    pass. A pass that refuses the module (a mesh that does not divide, say) becomes a user error, positioned by
+    `locate`."""
     dumps: list[tuple[str, str]] = []
 
     def after_pass(previous: ModulePass | None, op: ModuleOp, _next: ModulePass | None) -> None:
@@ -47,9 +49,11 @@ def run_pipeline(
             verify_ir(op, f"<after {previous.name}>")
             dumps.append((previous.name, print_ir(op)))
 
-    if spec.strip():
+    if isinstance(passes, str):
+        passes = parse_passes(passes)
+    if passes:
         try:
-            parse_pipeline(spec, after_pass).apply(make_context(), module)
+            PassPipeline(tuple(passes), after_pass).apply(make_context(), module)
         except PassFailedException as err:
             raise (locate(err) if locate else UserError(str(err))) from None
     return dumps

@@ -20,12 +20,12 @@ from jax.sharding import Mesh
 from xdsl.dialects.builtin import ModuleOp
 
 from .dialects.text import parse_ir_with_positions, print_ir, verify_ir
-from .fp8 import check_fp8_option, fp8_report, resolve_fp8, with_fp8_pass
+from .fp8 import check_fp8_option, fp8_mode, fp8_report
 from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load
 from .frontend.spec import ModelSpec
-from .pipeline import default_pipeline, run_pipeline
+from .pipeline import parse_passes, pipeline_text, run_pipeline
 from .report import build_report, model_flops, roofline
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.init import init_params
@@ -42,7 +42,7 @@ from .runtime.sharding import (
 )
 from .runtime.train import TrainState, make_loss_and_grads, make_train_step, split_params
 from .runtime.xla import compile_lowered
-from .targets import Target, resolve_target
+from .targets import PipelineRequest, Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
 Source = ModelSpec | ModuleOp | str | Path
@@ -294,6 +294,7 @@ def compile(
     chips = tgt.chips or devices or 1
     if mesh is None and chips > 1:
         mesh = {"fsdp": chips}
+    tgt.fp8_backend(fp8)  # refuses an FP8 request the target cannot serve, before any work
 
     clock = time.perf_counter()
     module, locate = load_module_located(source)
@@ -302,19 +303,17 @@ def compile(
     say(f"parsed and built IR ({seconds['parse']:.2f}s)")
 
     clock = time.perf_counter()
-    spec = default_pipeline(mode) if pipeline == "default" else (pipeline or "")
-    spec = with_fp8_pass(spec, fp8)
-    if mesh and "dsv3-shard" not in spec:
-        mesh_text = ",".join(f"{axis}={size}" for axis, size in mesh.items())
-        shard = f'dsv3-shard{{mesh="{mesh_text}" mode={shard_mode}' + (f' rules="{rules}"' if rules else "") + "}"
-        overlap = f"dsv3-overlap{{platform={tgt.chip.platform}}}" if mode == "train" else ""
-        spec = ",".join(filter(None, [spec, shard, overlap]))
-    dumps += run_pipeline(module, spec, locate)
+    base = tgt.default_passes(mode) if pipeline == "default" else parse_passes(pipeline or "")
+    request = PipelineRequest(fp8=fp8, mesh=dict(mesh or {}), shard_mode=shard_mode, rules=rules)
+    passes = tgt.pipeline(base, mode, request)
+    spec = pipeline_text(passes)
+    dumps += run_pipeline(module, passes, locate)
     seconds["passes"] = time.perf_counter() - clock
     say(f"ran passes [{spec or 'none'}] ({seconds['passes']:.2f}s)")
-    fp8_mode, fp8_why = resolve_fp8(module, fp8, tgt)
-    if fp8_mode != "off":
-        say(f"FP8 GEMMs: {fp8_mode} ({fp8_why})")
+    tgt.check_lowerable(module, locate)
+    fp8_state, fp8_why = fp8_mode(module, fp8)
+    if fp8_state != "off":
+        say(f"FP8 GEMMs: {fp8_state} ({fp8_why})")
 
     device_list = tgt.devices(tgt.device_count(mesh_size(module)))
     prog = Program(module, tgt, device_list, mode, batch, seq, steps)
@@ -326,7 +325,8 @@ def compile(
 
     clock = time.perf_counter()
     try:
-        compiled, prog.compiled_text = compile_lowered(lowered, compiler_options(module), tgt.chip.platform)
+        options = {**tgt.xla_options, **compiler_options(module)}
+        compiled, prog.compiled_text = compile_lowered(lowered, options, tgt.platform)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -358,7 +358,7 @@ def compile(
             )
             r["mfu_estimate"] = r["step_time_estimate_s"]["compute"] / r["step_time_estimate_s"]["bound"]
         r.update(kv_cache_report(module))
-    prog.report["fp8"] = fp8_report(module, fp8_mode, fp8_why, prog.compiled_text)
+    prog.report["fp8"] = fp8_report(module, fp8_state, fp8_why, prog.compiled_text)
     for warning in prog.report.get("warnings", []):
         say(f"warning: {warning}")
     return prog

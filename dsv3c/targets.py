@@ -1,6 +1,9 @@
-"""Compilation targets: what each chip offers (HBM, peak FLOP/s, FP8), how many a target name means, and where its
-JAX devices come from: the local backend, or a TPU/GPU topology description that lets XLA compile for hardware this
-machine does not have (ahead of time, from shapes alone)."""
+"""Compilation targets: each target family is one class that owns everything that differs between targets: what its
+chip offers (HBM, peak FLOP/s, FP8), how many chips a name means, where its JAX devices come from (the local backend,
+or a TPU/GPU topology description that lets XLA compile for hardware this machine does not have, ahead of time, from
+shapes alone), its default pass pipeline per mode as pass objects, the kernels its lowering uses, and its XLA
+options. `dsv3c.compile` reads as a straight line over it: frontend -> `target.pipeline` -> verify and dump ->
+`target.check_lowerable` -> lower -> compile -> report."""
 
 from __future__ import annotations
 
@@ -8,10 +11,24 @@ import importlib.util
 import math
 import os
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from xdsl.dialects.builtin import ModuleOp, StringAttr
+from xdsl.passes import ModulePass
+
+from .dialects.kernels import Kernel
 from .frontend.errors import UserError
+from .passes.drop_mtp import DropMTP
+from .passes.fp8_quant import FP8Quant
+from .passes.kernels import KernelsPass
+from .passes.kv_cache import KVCache
+from .passes.mla_absorb import MLAAbsorb
+from .passes.overlap import OverlapPass
+from .passes.remat import RematPass
+from .passes.shard import ShardPass
+from .runtime.lower.registry import FP8_BACKEND_ATTR
 
 GiB = 1 << 30
 
@@ -67,14 +84,58 @@ _GPU_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
 
 
 @dataclass(frozen=True)
+class PipelineRequest:
+    """What a compile asks of the pass pipeline beyond the mode: FP8 (`off`, `native`, `emulate`) and a mesh
+    (`{"fsdp": 4}`) with its sharding mode and rule overrides."""
+
+    fp8: str = "off"
+    mesh: dict[str, int] = field(default_factory=dict)
+    shard_mode: str = "auto"
+    rules: str = ""
+
+
+_MODE_PASSES: dict[str, Callable[[], list[ModulePass]]] = {
+    # DeepSeek-V3's recompute policy; `keep` honours one already in the IR (a hand-edited `.mlir`).
+    "train": lambda: [RematPass(policy="deepseek", keep=True)],
+    "forward": lambda: [DropMTP()],
+    "prefill": lambda: [DropMTP(), MLAAbsorb(), KVCache()],
+    "decode": lambda: [DropMTP(), MLAAbsorb(), KVCache()],
+}
+
+_AFTER_FP8 = ("dsv3-remat", "dsv3-overlap", "dsv3-shard")
+"""Passes that must see the FP8 ops: `dsv3-remat` tags the quantised values, so that backward keeps FP8 copies of the
+activations (DeepSeek-V3's FP8 caching) rather than BF16 ones."""
+
+
+@dataclass(frozen=True)
 class Target:
-    """A named target of `chips` devices of one kind. `local` targets run here; the others compile ahead of time.
-    `chips` is 0 when the count is free (cpu, gpu: given by the mesh or --devices)."""
+    """A named target of `chips` devices of one kind: what it runs on, which passes compile for it, which kernels
+    its lowering uses, and which XLA options it needs. `local` targets run here; the others compile ahead of time.
+    `chips` is 0 when the count is free (cpu, gpu: given by the mesh or --devices).
+
+    A target family is one subclass: it parses its names (`parse`), finds its devices, and states its kernel
+    choices (`kernels`, written into the IR by `dsv3-kernels`) and the kernels its lowering can run (`offers`)."""
 
     name: str
     chip: Chip
     chips: int
     local: bool
+
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.XLA, "experts": Kernel.RAGGED_DOT}
+    """The kernel per op family (`dsv3-kernels` option name) that the target's pipeline chooses."""
+    offers: ClassVar[frozenset[Kernel]] = frozenset({Kernel.XLA, Kernel.BLOCKWISE, Kernel.RAGGED_DOT, Kernel.TILED})
+    """Every kernel the target can lower: plain-JAX kernels run anywhere, Pallas kernels only on their hardware."""
+    xla_options: ClassVar[dict[str, Any]] = {}
+    """XLA options every compile for the target gets (the IR's `dsv3.schedule` adds its own)."""
+
+    @classmethod
+    def parse(cls, name: str) -> Target | None:
+        """The target named `name` if the family has it; None if the name is another family's."""
+        raise NotImplementedError
+
+    @property
+    def platform(self) -> str:
+        return self.chip.platform
 
     def device_count(self, requested: int | None) -> int:
         if self.chips and requested and requested != self.chips:
@@ -83,47 +144,162 @@ class Target:
 
     def devices(self, count: int) -> list[Any]:
         """`count` JAX devices of this target, real or from a topology description."""
+        raise NotImplementedError
+
+    # -- the pass pipeline ---------------------------------------------------------------------------------------
+
+    def fp8_backend(self, fp8: str) -> str:
+        """How FP8 GEMMs run here (`exact`, `emulate`, `native`, or `unavailable`) when `fp8` was asked for (or
+        the IR holds FP8 ops anyway). Asking for native FP8 where there is none is refused at once."""
+        if fp8 == "emulate":
+            return "emulate"
+        if self.chip.has_fp8:
+            return "native"
+        if fp8 == "native":
+            raise UserError(
+                f"target '{self.name}' ({self.chip.kind}) has no FP8 hardware (int8 only), so it cannot run the FP8 "
+                "ops natively; ask for emulation with --fp8 emulate (fp8='emulate'), or compile without "
+                "dsv3-fp8-quant"
+            )
+        return "unavailable"
+
+    def kernels_pass(self, fp8: str) -> ModulePass:
+        """`dsv3-kernels` with this target's choices; choices already in the IR are kept (and checked later)."""
+        return KernelsPass(**{k: v.value for k, v in self.kernels.items()}, fp8=self.fp8_backend(fp8), keep=True)
+
+    def default_passes(self, mode: str) -> list[ModulePass]:
+        """The mode's passes before any FP8, sharding or kernel choice."""
+        return _MODE_PASSES[mode]()
+
+    def pipeline(self, base: Sequence[ModulePass], mode: str, request: PipelineRequest) -> list[ModulePass]:
+        """`base` (the target's default passes or the user's) completed with what the request needs and the passes
+        the user did not name: FP8 quantisation before the passes that act on what is computed, sharding and
+        overlap for a mesh, and the target's kernel choices last."""
+        passes = list(base)
+        names = [p.name for p in passes]
+        if request.fp8 != "off" and FP8Quant.name not in names:
+            at = next((i for i, name in enumerate(names) if name in _AFTER_FP8), len(passes))
+            passes.insert(at, FP8Quant())
+        if request.mesh and ShardPass.name not in names:
+            mesh = ",".join(f"{axis}={size}" for axis, size in request.mesh.items())
+            passes.append(ShardPass(mesh=mesh, mode=request.shard_mode, rules=request.rules))
+            if mode == "train":
+                passes.append(OverlapPass(platform=self.platform))
+        if KernelsPass.name not in names:
+            passes.append(self.kernels_pass(request.fp8))
+        return passes
+
+    # -- lowering ------------------------------------------------------------------------------------------------
+
+    def check_lowerable(self, module: ModuleOp, locate: Callable[[Exception], Exception] | None = None) -> None:
+        """Refuses, before any compile, IR that asks for a kernel or an FP8 backend this target cannot run. `locate`
+        positions an error whose `op` is set (at the op's line in an IR file)."""
+        for op in module.walk():
+            choice = getattr(op, "kernel_choice", None)
+            kernel = choice() if choice else None
+            if kernel is not None and kernel not in self.offers:
+                offered = ", ".join(sorted(k.value for k in self.offers if k in op.KERNELS))
+                error = UserError(
+                    f"target '{self.name}' cannot run kernel '{kernel.value}' for '{op.name}' (it offers {offered})"
+                )
+                error.op = op
+                raise locate(error) if locate else error
+        backend = module.attributes.get(FP8_BACKEND_ATTR)
+        if isinstance(backend, StringAttr) and backend.data == "native" and not self.chip.has_fp8:
+            raise UserError(f"the IR asks for native FP8 GEMMs, but target '{self.name}' has no FP8 hardware")
+
+
+@dataclass(frozen=True)
+class CpuTarget(Target):
+    """This machine's CPU cores. XLA:CPU lowers `lax.ragged_dot` densely (every row through every expert), so the
+    experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores."""
+
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.XLA, "experts": Kernel.RAGGED_DOT}
+
+    @classmethod
+    def parse(cls, name: str) -> Target | None:
+        return cls(name, CHIPS["cpu"], 0, True) if name == "cpu" else None
+
+    def fp8_backend(self, fp8: str) -> str:
+        if fp8 == "native":
+            raise UserError("target 'cpu' has no FP8 arithmetic: FP8 on the CPU is emulated (use --fp8 emulate)")
+        return "exact"
+
+    def devices(self, count: int) -> list[Any]:
         import jax
 
-        if self.name == "cpu":
-            have = jax.devices("cpu")
-            if len(have) < count:
-                raise UserError(
-                    f"the mesh needs {count} CPU devices but JAX has {len(have)}: pass --devices {count} (or set "
-                    f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before JAX starts)"
-                )
-            return have[:count]
-        if self.name == "gpu":
-            try:
-                have = jax.devices("gpu")
-            except RuntimeError:
-                raise UserError("target 'gpu' needs a local GPU and jax[cuda12]; none was found") from None
-            if len(have) < count:
-                raise UserError(f"the mesh needs {count} GPUs but this machine has {len(have)}")
-            return have[:count]
-        if self.chip.platform == "tpu":
-            return _tpu_devices(self.chip.kind, count)
-        return _gpu_devices(self.chip.kind, count)
+        have = jax.devices("cpu")
+        if len(have) < count:
+            raise UserError(
+                f"the mesh needs {count} CPU devices but JAX has {len(have)}: pass --devices {count} (or set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before JAX starts)"
+            )
+        return have[:count]
 
 
-def resolve_target(name: str) -> Target:
-    """Parses a target name (`cpu`, `gpu`, `gpu-h100`, `gpu-h200`, `tpu-v5p-N`, `tpu-v5e-N`, `tpu-v6e-N`).
+@dataclass(frozen=True)
+class GpuTarget(Target):
+    """NVIDIA H100/H200: the local GPU (`gpu`) or one compiled for ahead of time (`gpu-h100`, `gpu-h200`)."""
 
-    Google's slice names count TensorCores: a v5p-N slice has N/2 chips, v5e-N and v6e-N have N."""
-    if name == "cpu":
-        return Target(name, CHIPS["cpu"], 0, True)
-    if name == "gpu":
-        return Target(name, CHIPS["h100"], 0, True)
-    if name in ("gpu-h100", "gpu-h200"):
-        return Target(name, CHIPS[name.removeprefix("gpu-")], 0, False)
-    match = re.fullmatch(r"tpu-(v5p|v5e|v6e)-(\d+)", name)
-    if match:
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.CUDNN, "experts": Kernel.RAGGED_DOT}
+    offers: ClassVar[frozenset[Kernel]] = Target.offers | {Kernel.CUDNN}
+
+    @classmethod
+    def parse(cls, name: str) -> Target | None:
+        if name == "gpu":
+            return cls(name, CHIPS["h100"], 0, True)
+        if name in ("gpu-h100", "gpu-h200"):
+            return cls(name, CHIPS[name.removeprefix("gpu-")], 0, False)
+        return None
+
+    def devices(self, count: int) -> list[Any]:
+        if not self.local:
+            return _gpu_devices(self.chip.kind, count)
+        import jax
+
+        try:
+            have = jax.devices("gpu")
+        except RuntimeError:
+            raise UserError("target 'gpu' needs a local GPU and jax[cuda12]; none was found") from None
+        if len(have) < count:
+            raise UserError(f"the mesh needs {count} GPUs but this machine has {len(have)}")
+        return have[:count]
+
+
+@dataclass(frozen=True)
+class TpuTarget(Target):
+    """A Google TPU slice, compiled for ahead of time through libtpu. Google's slice names count TensorCores: a
+    v5p-N slice has N/2 chips, v5e-N and v6e-N have N."""
+
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.SPLASH, "experts": Kernel.RAGGED_DOT}
+    offers: ClassVar[frozenset[Kernel]] = Target.offers | {Kernel.SPLASH, Kernel.MEGABLOX}
+
+    @classmethod
+    def parse(cls, name: str) -> Target | None:
+        match = re.fullmatch(r"tpu-(v5p|v5e|v6e)-(\d+)", name)
+        if not match:
+            return None
         kind, n = match.group(1), int(match.group(2))
         chips = n // 2 if kind == "v5p" else n
         smallest = 4 if kind == "v5p" else 1
         if chips < smallest or (kind == "v5p" and n % 2) or chips & (chips - 1):
             raise UserError(f"target '{name}': {n} is not a {kind} slice size (a power of two, at least {smallest})")
-        return Target(name, CHIPS[kind], chips, False)
+        return cls(name, CHIPS[kind], chips, False)
+
+    def devices(self, count: int) -> list[Any]:
+        return _tpu_devices(self.chip.kind, count)
+
+
+TARGET_FAMILIES: tuple[type[Target], ...] = (CpuTarget, GpuTarget, TpuTarget)
+"""Every target family; `resolve_target` asks each in turn. A new target is one more subclass here."""
+
+
+def resolve_target(name: str) -> Target:
+    """Parses a target name (`cpu`, `gpu`, `gpu-h100`, `gpu-h200`, `tpu-v5p-N`, `tpu-v5e-N`, `tpu-v6e-N`)."""
+    for family in TARGET_FAMILIES:
+        target = family.parse(name)
+        if target is not None:
+            return target
     raise UserError(
         f"unknown target '{name}' (expected cpu, gpu, gpu-h100, gpu-h200, tpu-v5p-N, tpu-v5e-N or tpu-v6e-N)"
     )

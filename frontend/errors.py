@@ -1,9 +1,14 @@
-"""User-facing errors that carry a source position."""
+"""The errors dsv3c reports to its users, one hierarchy for the frontend, dialects, passes, targets and runtime:
+`Dsv3cError` is what the command line prints as an `error:` line with exit code 2, never as a traceback."""
 
 from __future__ import annotations
 
 
-class SpecError(Exception):
+class Dsv3cError(Exception):
+    """Base of every error caused by the user's input (spec, IR, options, target), not by a bug in dsv3c."""
+
+
+class SpecError(Dsv3cError):
     """A bad `.dsv3` spec or dsv3 IR file: printed as `PATH:LINE:COL: error: MESSAGE`, exit code 2.
 
     `line` and `col` are 1-based; 0 means the error has no position (then only the path is printed).
@@ -22,5 +27,5 @@ class SpecError(Exception):
         return f"{self.path}: error: {self.message}"
 
 
-class UserError(Exception):
+class UserError(Dsv3cError):
     """A user error with no source position (bad option, impossible target): `dsv3c: error: MESSAGE`, exit 2."""

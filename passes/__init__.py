@@ -25,6 +25,12 @@ def _fp8_quant() -> type[ModulePass]:
     return FP8Quant
 
 
+def _kernels() -> type[ModulePass]:
+    from .kernels import KernelsPass
+
+    return KernelsPass
+
+
 def _kv_cache() -> type[ModulePass]:
     from .kv_cache import KVCache
 
@@ -65,6 +71,7 @@ ALL_PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "dsv3-dce": _dce,
     "dsv3-drop-mtp": _drop_mtp,
     "dsv3-fp8-quant": _fp8_quant,
+    "dsv3-kernels": _kernels,
     "dsv3-kv-cache": _kv_cache,
     "dsv3-mla-absorb": _mla_absorb,
     "dsv3-overlap": _overlap,

@@ -43,7 +43,6 @@ from ..dialects import dsv3
 from ..dialects.quant import (
     FP8_TYPES,
     DequantizeOp,
-    FP8ExpertsOp,
     FP8MatmulOp,
     QuantAttr,
     QuantizeOp,
@@ -150,7 +149,8 @@ class QuantizeMatmul(RewritePattern):
 
 
 class QuantizeExperts(RewritePattern):
-    """experts -> fp8_experts with the same operands."""
+    """Marks `dsv3.experts` to run its grouped GEMMs in FP8: the same op, its quantisation attributes set (so its
+    chunks, capacity and kernel stay as they are)."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -158,13 +158,10 @@ class QuantizeExperts(RewritePattern):
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: dsv3.ExpertsOp, rewriter: PatternRewriter) -> None:
         r = self.recipe
-        if any(r.excluded(weight_param(w)) for w in (op.w_gate, op.w_up, op.w_down)):
+        if op.quantized or any(r.excluded(weight_param(w)) for w in (op.w_gate, op.w_up, op.w_down)):
             return
-        props: dict[str, Attribute] = {"x_quant": r.activations, "w_quant": r.weights, "grad_quant": r.gradients}
-        if op.capacity_factor is not None:
-            props["capacity_factor"] = op.capacity_factor
-        experts = FP8ExpertsOp.build(operands=list(op.operands), result_types=[op.result.type], properties=props)
-        rewriter.replace(op, experts)
+        op.x_quant, op.w_quant, op.grad_quant = r.activations, r.weights, r.gradients
+        rewriter.notify_op_modified(op)
 
 
 def _new_param(like: dsv3.ParamOp, name: str, ty: TensorType, init: str) -> dsv3.ParamOp:

@@ -99,7 +99,7 @@ def run_function(
     block = func.body.block
     if len(block.args) != len(args):
         raise UserError(f"@{name} takes {len(block.args)} arguments, not {len(args)}: has dsv3-kv-cache run?")
-    ctx = LoweringContext(params=params, mesh=mesh, explicit=explicit, caches=dict(caches))
+    ctx = LoweringContext.for_module(module, params, mesh=mesh, explicit=explicit, caches=dict(caches))
     for arg, value in zip(block.args, args, strict=True):
         ctx.env[arg] = value
     lower_block(block, ctx)

@@ -71,7 +71,7 @@ def run_model(
 ) -> ModelOutputs:
     """Traces the model on `tokens` [B, S+1] (inputs and shifted labels in one array), on `mesh` if given."""
     func = model_func(module)
-    ctx = LoweringContext(params=params, mesh=mesh, explicit=explicit)
+    ctx = LoweringContext.for_module(module, params, mesh=mesh, explicit=explicit)
     ctx.env[func.body.block.args[0]] = tokens
     lower_block(func.body.block, ctx)
     grouped: dict[str, list[jax.Array]] = {}

@@ -22,7 +22,8 @@ from ir_eval import ir_function
 
 import dsv3c
 from dsv3c.cli import main
-from dsv3c.dialects.quant import DequantizeOp, FP8ExpertsOp, FP8MatmulOp, QuantizeOp
+from dsv3c.dialects.dsv3 import ExpertsOp
+from dsv3c.dialects.quant import DequantizeOp, FP8MatmulOp, QuantizeOp
 from dsv3c.dialects.text import parse_ir, print_ir
 from dsv3c.fp8 import fp8_gemms
 from dsv3c.frontend.errors import UserError
@@ -301,15 +302,15 @@ def test_fp8_gradients_are_close_to_bf16_ones():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def experts_ir(op: str, tokens: int, dim: int, hidden: int, experts: int, top_k: int, block: int) -> str:
+def experts_ir(quantized: bool, tokens: int, dim: int, hidden: int, experts: int, top_k: int, block: int) -> str:
     props = ""
-    if op == "fp8_experts":
+    if quantized:
         props = (f" {{x_quant = {quant('e4m3', f'[1, {block}]')}, w_quant = {quant('e4m3', f'[{block}, {block}]')}, "
                  f"grad_quant = {quant('e4m3', f'[1, {block}]')}}}")
     t = f"tensor<1x{tokens}"
     return f"""builtin.module {{
   func.func @f(%x: {t}x{dim}xf32>, %gw: {t}x{top_k}xf32>, %ids: {t}x{top_k}xi32>, %g: tensor<{experts}x{dim}x{hidden}xf32>, %u: tensor<{experts}x{dim}x{hidden}xf32>, %d: tensor<{experts}x{hidden}x{dim}xf32>) -> {t}x{dim}xf32> {{
-    %y = dsv3.{op} %x, %gw, %ids, %g, %u, %d{props} : ({t}x{dim}xf32>, {t}x{top_k}xf32>, {t}x{top_k}xi32>, tensor<{experts}x{dim}x{hidden}xf32>, tensor<{experts}x{dim}x{hidden}xf32>, tensor<{experts}x{hidden}x{dim}xf32>) -> {t}x{dim}xf32>
+    %y = dsv3.experts %x, %gw, %ids, %g, %u, %d{props} : ({t}x{dim}xf32>, {t}x{top_k}xf32>, {t}x{top_k}xi32>, tensor<{experts}x{dim}x{hidden}xf32>, tensor<{experts}x{dim}x{hidden}xf32>, tensor<{experts}x{hidden}x{dim}xf32>) -> {t}x{dim}xf32>
     func.return %y : {t}x{dim}xf32>
   }}
 }}"""  # noqa: E501
@@ -326,7 +327,7 @@ def test_fp8_experts_forward_and_gradients_are_close_to_full_precision():
     upstream = rng.standard_normal((1, tokens, dim)).astype(F32)
     results = {}
     for op in ("experts", "fp8_experts"):
-        fn = ir_function(experts_ir(op, tokens, dim, hidden, experts, top_k, block))
+        fn = ir_function(experts_ir(op == "fp8_experts", tokens, dim, hidden, experts, top_k, block))
 
         def loss(x_, g_, u_, d_, fn=fn):
             return jnp.sum(fn(x_, gate_w, ids, g_, u_, d_)[0] * upstream)
@@ -384,6 +385,10 @@ def _passed(pipeline: str, spec: str = SMALL):
     return module
 
 
+def _quantized_experts(module) -> list[ExpertsOp]:
+    return [op for op in _ops(module, ExpertsOp) if op.quantized]
+
+
 def test_pass_quantises_every_linear_but_the_head_and_the_experts_too():
     base = dsv3c.build_ir(dsv3c.parse(SMALL))
     matmuls = len([op for op in base.walk() if op.name == "dsv3.matmul"])
@@ -393,7 +398,7 @@ def test_pass_quantises_every_linear_but_the_head_and_the_experts_too():
     assert len(remaining) == 2 and all(op.w.type.get_shape() == (32, 64) for op in remaining)
     assert len(_ops(module, FP8MatmulOp)) == matmuls - 2
     assert len(_ops(module, QuantizeOp)) == 2 * (matmuls - 2)
-    assert len(_ops(module, FP8ExpertsOp)) == 2  # the MoE layer and the MTP block
+    assert len(_quantized_experts(module)) == 2  # the MoE layer and the MTP block
     text = print_ir(module)
     assert "#dsv3.quant<f8E4M3FN, [16, 16], amax>" in text and "#dsv3.quant<f8E4M3FN, [1, 16], amax>" in text
     assert parse_ir(text) is not None  # what the pass writes reads back
@@ -413,7 +418,7 @@ def test_pass_options_reach_the_ir(options, expect):
 
 def test_pass_exclusions_by_name_and_axis():
     module = _passed('dsv3-fp8-quant{exclude=vocab,"mtp.*",q_lora experts=false}')
-    assert not _ops(module, FP8ExpertsOp) and _ops(module, FP8MatmulOp)
+    assert not _quantized_experts(module) and _ops(module, ExpertsOp) and _ops(module, FP8MatmulOp)
 
     def excluded(param) -> bool:
         return param.pname.startswith("mtp.") or bool({"vocab", "q_lora"} & set(param.axis_names))
@@ -448,9 +453,9 @@ def test_weights_only_stores_fp8_with_block_scales_and_composes_with_w8a8():
     assert _ops(module, DequantizeOp) and not _ops(module, QuantizeOp)
     assert str(params["moe.experts_gate.scale"].result.type) == "tensor<1x4x2x2xf32>"  # per layer, expert, block
     # then the full recipe reads the stored FP8 weights directly: only activations are quantised (the grouped
-    # expert GEMMs quantise inside dsv3.fp8_experts, from the widened weights: the same blocks again)
+    # expert GEMMs quantise inside the quantised dsv3.experts, from the widened weights: the same blocks again)
     run_pipeline(module, "dsv3-fp8-quant{block=16}")
-    assert all(isinstance(next(iter(d.result.uses)).operation, FP8ExpertsOp) for d in _ops(module, DequantizeOp))
+    assert all(next(iter(d.result.uses)).operation in _quantized_experts(module) for d in _ops(module, DequantizeOp))
     for op in _ops(module, FP8MatmulOp):
         assert isinstance(op.x.owner, QuantizeOp) and not isinstance(op.w.owner, QuantizeOp)
     assert parse_ir(print_ir(module)) is not None

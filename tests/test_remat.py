@@ -13,9 +13,11 @@ import pytest
 import dsv3c
 from dsv3c.dialects.remat import CheckpointOp
 from dsv3c.frontend.errors import UserError
-from dsv3c.pipeline import DEFAULT_PIPELINES, run_pipeline
+from dsv3c.passes.remat import RematPass
+from dsv3c.pipeline import pipeline_text, run_pipeline
 from dsv3c.runtime.init import init_params
 from dsv3c.runtime.model import param_infos, run_model
+from dsv3c.targets import resolve_target
 
 # One dense and one MoE layer with MLA: every kind of op a layer holds, small enough to compile in seconds.
 MICRO = """
@@ -95,10 +97,11 @@ def test_temp_memory_follows_the_policy() -> None:
 
 
 def test_default_train_pipeline_is_deepseeks_and_keeps_a_policy_in_the_ir() -> None:
-    assert DEFAULT_PIPELINES["train"].startswith("dsv3-remat{policy=deepseek")
-    assert "remat" not in DEFAULT_PIPELINES["forward"] + DEFAULT_PIPELINES["prefill"]
+    cpu = resolve_target("cpu")
+    assert cpu.default_passes("train")[0] == RematPass(policy="deepseek", keep=True)
+    assert "remat" not in pipeline_text(cpu.default_passes("forward") + cpu.default_passes("prefill"))
     module = _module(MICRO, "dsv3-remat{policy=full}")
-    run_pipeline(module, DEFAULT_PIPELINES["train"])
+    run_pipeline(module, cpu.default_passes("train"))
     actions = {op.action.data for op in module.walk() if isinstance(op, CheckpointOp)}
     assert actions == {"recompute"}
 

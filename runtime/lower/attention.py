@@ -1,4 +1,5 @@
-"""Lowering of the causal MLA attention core (naive form: per-head keys and values)."""
+"""Lowering of the causal MLA attention core (naive form: per-head keys and values): the plain XLA kernel here, the
+others in `runtime/kernels/`, chosen by the op's `kernel` attribute."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from ...dialects import dsv3
-from .registry import register_lowering
+from ...dialects.kernels import Kernel
+from .registry import LoweringContext, kernel_impl, register_kernel, register_lowering
 
 
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale: float) -> jax.Array:
@@ -22,6 +24,11 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale: float) -> jax.Array:
     return jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=f32).astype(v.dtype)
 
 
+@register_kernel(dsv3.AttentionOp, Kernel.XLA)
+def _xla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, ctx: LoweringContext) -> jax.Array:
+    return mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale)
+
+
 @register_lowering(dsv3.AttentionOp)
-def _attention(op: dsv3.AttentionOp, args, ctx):
-    return [mla_attention(*args, op.float_prop("scale"))]
+def _attention(op: dsv3.AttentionOp, args, ctx: LoweringContext):
+    return [kernel_impl(op, Kernel.XLA)(*args, scale=op.float_prop("scale"), ctx=ctx)]

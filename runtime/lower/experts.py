@@ -22,10 +22,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from ...dialects import dsv3
+from ...dialects.kernels import Kernel
+from .registry import register_kernel
 from .tensor import swiglu
 
 GroupedGemm = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-"""(rows sorted by group [T, K], weights [G, K, N], group sizes [G]) -> [T, N]: `lax.ragged_dot`, or an FP8 one."""
+"""(rows sorted by group [T, K], weights [G, K, N], group sizes [G]) -> [T, N]: a grouped-GEMM kernel
+(`lax.ragged_dot` and the others registered for `dsv3.experts`) or an FP8 one. Rows past the sum of the group sizes
+belong to no group; their results are never read."""
+
+register_kernel(dsv3.ExpertsOp, Kernel.RAGGED_DOT)(lax.ragged_dot)
 
 
 def routed_experts(x, weights, indices, w_gate, w_up, w_down, gemm: GroupedGemm = lax.ragged_dot) -> jax.Array:

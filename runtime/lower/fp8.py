@@ -1,10 +1,10 @@
 """Lowering of the FP8 ops: quantise, dequantise, FP8 matmul and FP8 experts, each GEMM with an FP8 backward.
 
-`dsv3.fp8_matmul` and `dsv3.fp8_experts` lower to `jax.custom_vjp` functions whose backward pass runs its two GEMMs
-in FP8 as well (REFERENCE.md section 5): the input gradient dY @ W^T with dY quantised per 1 x 128 tile and W^T
-reusing W's square blocks, the weight gradient X^T @ dY with X (dequantised from the FP8 values saved in the
-forward pass, as DeepSeek-V3 caches them) and dY re-quantised per 128 x 1 tile, so that each tile again runs along
-the contraction axis. Only the FP8 values and their scales are saved for the backward pass.
+`dsv3.fp8_matmul` and the grouped GEMMs of a quantised `dsv3.experts` lower to `jax.custom_vjp` functions whose
+backward pass runs its two GEMMs in FP8 as well (REFERENCE.md section 5): the input gradient dY @ W^T with dY
+quantised per 1 x 128 tile and W^T reusing W's square blocks, the weight gradient X^T @ dY with X (dequantised from
+the FP8 values saved in the forward pass, as DeepSeek-V3 caches them) and dY re-quantised per 128 x 1 tile, so that
+each tile again runs along the contraction axis. Only the FP8 values and their scales are saved for the backward pass.
 
 Gradients pass straight through quantisation: when an FP8 operand comes from `dsv3.quantize`, its gradient goes to
 the quantised tensor; an operand stored in FP8 (a checkpoint's weights) gets none.
@@ -19,42 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from xdsl.dialects.builtin import ModuleOp, StringAttr
-from xdsl.ir import Operation, SSAValue
+from xdsl.ir import SSAValue
 
-from ...dialects import quant
+from ...dialects import dsv3, quant
 from ...dialects.remat import CheckpointOp
-from ...dialects.sharding import BATCH_AXES, ShardOp
+from ...dialects.sharding import ShardOp
 from .. import fp8
 from .dtypes import result_dtype
-from .experts import GroupedGemm, routed_experts, routed_experts_sharded
+from .experts import GroupedGemm
 from .registry import LoweringContext, register_lowering
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backend: written on the module by `dsv3c.compile` for its target, read by the rules below
-# ---------------------------------------------------------------------------------------------------------------
-
-BACKEND_ATTR = "dsv3.fp8_backend"
-
-
-def set_backend(module: ModuleOp, backend: str | None) -> None:
-    """Records on the module how its FP8 GEMMs run (None: remove the record, emulation applies)."""
-    if backend is None:
-        module.attributes.pop(BACKEND_ATTR, None)
-        return
-    if backend not in fp8.BACKENDS:
-        raise ValueError(f"unknown FP8 backend '{backend}' (expected {', '.join(fp8.BACKENDS)})")
-    module.attributes[BACKEND_ATTR] = StringAttr(backend)
-
-
-def backend_of(op: Operation) -> str:
-    """The FP8 backend recorded on the module holding `op`; `exact` when none is (IR lowered outside a program,
-    as tests do on the CPU)."""
-    top = op
-    while top.parent_op() is not None:
-        top = top.parent_op()
-    attr = top.attributes.get(BACKEND_ATTR)
-    return attr.data if isinstance(attr, StringAttr) else "exact"
 
 
 def tiling(attr: quant.QuantAttr) -> fp8.Tiling:
@@ -225,7 +198,7 @@ def _fp8_matmul(op: quant.FP8MatmulOp, args, ctx: LoweringContext):
     xq, xs, wq, ws = (lax.stop_gradient(a) for a in args)
     x_src, w_src = _source(op.x, ctx), _source(op.w, ctx)
     recipe = Recipe(
-        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), backend_of(op),
+        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), ctx.fp8_backend,
         result_dtype(op.result),
         None if x_src is None else x_src.dtype, None if w_src is None else w_src.dtype,
     )
@@ -250,16 +223,11 @@ def fp8_grouped_gemm(recipe: Recipe) -> GroupedGemm:
     return gemm
 
 
-@register_lowering(quant.FP8ExpertsOp)
-def _fp8_experts(op: quant.FP8ExpertsOp, args, ctx: LoweringContext):
+def fp8_expert_gemm(op: dsv3.ExpertsOp, ctx: LoweringContext) -> GroupedGemm:
+    """The grouped GEMM of a `dsv3.experts` whose quantisation attributes are set."""
+    assert op.x_quant is not None and op.w_quant is not None and op.grad_quant is not None
     recipe = Recipe(
-        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), backend_of(op),
-        result_dtype(op.result), None, None,
+        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), ctx.fp8_backend, result_dtype(op.result),
+        None, None,
     )
-    gemm = fp8_grouped_gemm(recipe)
-    mesh = ctx.mesh
-    if mesh is not None:
-        batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-        capacity = op.capacity_factor.value.data if op.capacity_factor is not None else None
-        return [routed_experts_sharded(*args, mesh, batch_axes, capacity, ctx.explicit, gemm=gemm)]
-    return [routed_experts(*args, gemm=gemm)]
+    return fp8_grouped_gemm(recipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ...dialects.latent import EinsumOp, LatentAttentionOp, MaskedAttentionOp
 from .dtypes import result_dtype
@@ -23,6 +24,24 @@ def _einsum(op: EinsumOp, args, ctx):
     return [y.astype(out)]
 
 
+def _einsum_f32(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated in float32. XLA:CPU runs a dot that its YNNPACK fusion declines (a batched one whose
+    contraction is not an operand's minor dimension, as probs . c_kv over keys at batch >= 2) with DotThunk, which
+    has no bf16 x bf16 -> f32 kernel; so on CPU the operands are upcast first. That is the same arithmetic (a product
+    of two bf16 values is exact in f32, and the sum is in f32 either way); other platforms keep bf16 operands."""
+    f32 = jnp.float32
+
+    def upcast(a, b):
+        return jnp.einsum(equation, a.astype(f32), b.astype(f32))
+
+    def mixed(a, b):
+        return jnp.einsum(equation, a, b, preferred_element_type=f32)
+
+    if a.dtype == f32 and b.dtype == f32:
+        return mixed(a, b)
+    return lax.platform_dependent(a, b, cpu=upcast, default=mixed)
+
+
 def position_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     """[B, 1, S, T]: key t is visible to query s when 0 <= k_pos[t] <= q_pos[s] (negative: empty or padding)."""
     visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
@@ -36,21 +55,19 @@ def _softmax(scores: jax.Array, scale: float, q_pos: jax.Array, k_pos: jax.Array
 
 def latent_attention(q_lat, q_pe, c_kv, k_pe, q_pos, k_pos, scale: float) -> jax.Array:
     """softmax((q_lat . c_kv + q_pe . k_pe) * scale) . c_kv per head; scores and softmax in float32."""
-    f32 = jnp.float32
-    scores = jnp.einsum("bshc,btc->bhst", q_lat, c_kv.astype(q_lat.dtype), preferred_element_type=f32)
-    scores = scores + jnp.einsum("bshr,btr->bhst", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=f32)
+    scores = _einsum_f32("bshc,btc->bhst", q_lat, c_kv.astype(q_lat.dtype))
+    scores = scores + _einsum_f32("bshr,btr->bhst", q_pe, k_pe.astype(q_pe.dtype))
     probs = _softmax(scores, scale, q_pos, k_pos)
-    out = jnp.einsum("bhst,btc->bshc", probs.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
+    out = _einsum_f32("bhst,btc->bshc", probs.astype(c_kv.dtype), c_kv)
     return out.astype(q_lat.dtype)
 
 
 def masked_attention(q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos, scale: float) -> jax.Array:
     """The naive core of `attention.mla_attention`, with the mask taken from positions instead of indices."""
-    f32 = jnp.float32
-    scores = jnp.einsum("bshd,bthd->bhst", q_nope, k_nope.astype(q_nope.dtype), preferred_element_type=f32)
-    scores = scores + jnp.einsum("bshr,btr->bhst", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=f32)
+    scores = _einsum_f32("bshd,bthd->bhst", q_nope, k_nope.astype(q_nope.dtype))
+    scores = scores + _einsum_f32("bshr,btr->bhst", q_pe, k_pe.astype(q_pe.dtype))
     probs = _softmax(scores, scale, q_pos, k_pos)
-    return jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=f32).astype(q_nope.dtype)
+    return _einsum_f32("bhst,bthd->bshd", probs.astype(v.dtype), v).astype(q_nope.dtype)
 
 
 @register_lowering(LatentAttentionOp)

@@ -8,9 +8,11 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from ...dialects import dsv3
+from ...dialects.kernels import Kernel
 from ...dialects.sharding import BATCH_AXES
 from .experts import routed_experts, routed_experts_sharded
-from .registry import LoweringContext, register_lowering
+from .fp8 import fp8_expert_gemm
+from .registry import LoweringContext, kernel_impl, register_lowering
 from .tensor import explicit_spec
 
 
@@ -62,13 +64,18 @@ def _router(op: dsv3.RouterOp, args, ctx: LoweringContext):
 
 @register_lowering(dsv3.ExpertsOp)
 def _experts(op: dsv3.ExpertsOp, args, ctx: LoweringContext):
+    gemm = fp8_expert_gemm(op, ctx) if op.quantized else kernel_impl(op, Kernel.RAGGED_DOT)
     mesh = ctx.mesh
     if mesh is not None:
         batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
         chunks = op.int_prop("chunks") if op.chunks is not None else 1
         capacity_factor = op.opt_float_prop("capacity_factor")
-        return [routed_experts_sharded(*args, mesh, batch_axes, capacity_factor, ctx.explicit, chunks=chunks)]
-    return [routed_experts(*args)]
+        return [
+            routed_experts_sharded(
+                *args, mesh, batch_axes, capacity_factor, ctx.explicit, gemm=gemm, chunks=chunks
+            )
+        ]
+    return [routed_experts(*args, gemm=gemm)]
 
 
 def sequence_balance_loss(scores: jax.Array, indices: jax.Array, alpha: float) -> jax.Array:

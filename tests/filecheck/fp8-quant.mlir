@@ -7,7 +7,8 @@
 // per 1 x block tile, the weight per block x block tile (K = 40 is not a multiple of 16: its last tile is padded,
 // so it has 3 scales), and an FP8 matmul multiplies them with FP32 accumulation; `grad_quant` says how its
 // backward GEMMs quantise the gradient. The output head keeps its precision (its weight has the `vocab` axis),
-// and the routed experts become dsv3.fp8_experts.
+// and the routed experts keep their op: its quantisation attributes say that its grouped GEMMs run in FP8 (and
+// whatever else it carries, here its chunks, stays).
 
 // CHECK-LABEL: func.func @model
 // CHECK:         ^bb0(%x: tensor<?x?x16xbf16>, %up: tensor<16x40xf32>, %down: tensor<40x16xf32>):
@@ -20,7 +21,7 @@
 // CHECK-NEXT:      dsv3.yield %d
 // CHECK:         %logits = dsv3.matmul %out, %head : (tensor<?x?x16xbf16>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
 // CHECK-LABEL: func.func @moe
-// CHECK-NEXT:    %y = dsv3.fp8_experts %x, %gw, %ids, %g, %u, %d {x_quant = #dsv3.quant<f8E4M3FN, [1, 16], amax>, w_quant = #dsv3.quant<f8E4M3FN, [16, 16], amax>, grad_quant = #dsv3.quant<f8E4M3FN, [1, 16], amax>}
+// CHECK-NEXT:    %y = dsv3.experts %x, %gw, %ids, %g, %u, %d {chunks = 4 : i64, x_quant = #dsv3.quant<f8E4M3FN, [1, 16], amax>, w_quant = #dsv3.quant<f8E4M3FN, [16, 16], amax>, grad_quant = #dsv3.quant<f8E4M3FN, [1, 16], amax>}
 
 // The common per-tensor recipe: one scale per tensor, here rounded to powers of two and E5M2 gradients.
 // TENSOR:      %x_fp8, %x_scale = dsv3.quantize %x {quant = #dsv3.quant<f8E4M3FN, tensor, pow2>} : (tensor<?x?x16xbf16>) -> (tensor<?x?x16xf8E4M3FN>, tensor<1x1x1xf32>)
@@ -64,7 +65,7 @@ builtin.module {
     func.return
   }
   func.func @moe(%x: tensor<?x?x16xbf16>, %gw: tensor<?x?x2xf32>, %ids: tensor<?x?x2xi32>, %g: tensor<4x16x24xf32>, %u: tensor<4x16x24xf32>, %d: tensor<4x24x16xf32>) -> tensor<?x?x16xbf16> {
-    %y = dsv3.experts %x, %gw, %ids, %g, %u, %d : (tensor<?x?x16xbf16>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x24xf32>, tensor<4x16x24xf32>, tensor<4x24x16xf32>) -> tensor<?x?x16xbf16>
+    %y = dsv3.experts %x, %gw, %ids, %g, %u, %d {chunks = 4 : i64} : (tensor<?x?x16xbf16>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x24xf32>, tensor<4x16x24xf32>, tensor<4x24x16xf32>) -> tensor<?x?x16xbf16>
     func.return %y : tensor<?x?x16xbf16>
   }
 }

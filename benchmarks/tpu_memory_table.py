@@ -1,0 +1,79 @@
+"""deepseek3-test on tpu-v5p-8 (batch 4, seq 2048), ahead of time: dsv3c's memory per device beside MaxText's, in one
+run on this host (REFERENCE.md sections 7 and 9).
+
+    python benchmarks/tpu_memory_table.py [--rows fsdp4,fsdp4-full,fsdp2tp2-full] [--maxtext TOOL]
+
+Each dsv3c row is `dsv3c compile examples/deepseek3-test.dsv3 --target tpu-v5p-8 --mesh MESH --batch 4 --seq 2048
+[-p PIPELINE] --report R` in a fresh process; each MaxText row is its own `train_compile` through the shared tool
+(MaxText's default `remat_policy: full`). Prints a markdown table with temp ratios, ready for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+ROWS = {
+    # name: (mesh, pipeline or None for the target's default, MaxText row it is compared with)
+    "fsdp4": ("fsdp=4", None, "fsdp4"),
+    "fsdp4-full": ("fsdp=4", "dsv3-remat{policy=full}", "fsdp4"),
+    "fsdp2tp2-full": ("fsdp=2,tensor=2", "dsv3-remat{policy=full}", "fsdp2tp2"),
+}
+MAXTEXT = {"fsdp4": ["ici_fsdp_parallelism=4"], "fsdp2tp2": ["ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]}
+
+
+def dsv3c_row(mesh: str, pipeline: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        command = [sys.executable, "-m", "dsv3c", "compile", str(ROOT / "examples/deepseek3-test.dsv3"),
+                   "--target", "tpu-v5p-8", "--mesh", mesh, "--batch", "4", "--seq", "2048", "--report", str(report)]
+        if pipeline:
+            command += ["-p", pipeline]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        memory = json.loads(report.read_text())["memory_per_device_bytes"]
+    return {"arguments": memory["arguments"] / MiB, "temp": memory["temp"] / MiB, "total": memory["total"] / MiB,
+            "wall": time.perf_counter() - start}
+
+
+def maxtext_row(tool: str, name: str) -> dict:
+    out = subprocess.run(["bash", tool, name, "auto", *MAXTEXT[name]], check=True, capture_output=True, text=True)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"arguments": line["arguments_MiB"], "temp": line["temp_MiB"], "total": line["peak_MiB"],
+            "wall": line["compile_wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--maxtext", default=str(ROOT.parent / "shared/tools/maxtext-aot.sh"))
+    args = parser.parse_args()
+    names = args.rows.split(",")
+    anchors = {}
+    for name in dict.fromkeys(ROWS[n][2] for n in names):
+        print(f"MaxText {name} ...", file=sys.stderr, flush=True)
+        anchors[name] = maxtext_row(args.maxtext, name)
+    print("| mesh | dsv3c pipeline | dsv3c temp | dsv3c total | MaxText temp | MaxText total | temp ratio | "
+          "dsv3c / MaxText compile |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        mesh, pipeline, anchor = ROWS[name]
+        print(f"dsv3c {name} ...", file=sys.stderr, flush=True)
+        ours, theirs = dsv3c_row(mesh, pipeline), anchors[anchor]
+        ratio = ours["temp"] / theirs["temp"]
+        print(f"| {mesh} | {pipeline or 'default'} | {ours['temp']:,.0f} | {ours['total']:,.0f} "
+              f"| {theirs['temp']:,.0f} | {theirs['total']:,.0f} | **{ratio:.2f}x** "
+              f"| {ours['wall']:.0f} s / {theirs['wall']:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
