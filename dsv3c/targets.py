@@ -214,7 +214,7 @@ class CpuTarget(Target):
     """This machine's CPU cores. XLA:CPU lowers `lax.ragged_dot` densely (every row through every expert), so the
     experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores."""
 
-    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.XLA, "experts": Kernel.RAGGED_DOT}
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.BLOCKWISE, "experts": Kernel.TILED}
 
     @classmethod
     def parse(cls, name: str) -> Target | None:

@@ -1,0 +1,33 @@
+"""Decoding in bf16 at batch >= 2 on the CPU. XLA:CPU has no bf16 x bf16 -> f32 kernel for the batched dots its
+YNNPACK fusion declines (the latent attention's probs . c_kv over keys once the batch is not 1), so these programs
+used to fail at run time with `Unsupported element type for DotThunk::Execute`; batch 1 always ran. A batch must
+continue each of its prompts exactly as decoding that prompt alone does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import dsv3c
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.dsv3"
+PROMPTS = [[5, 17, 3, 99, 42], [7, 8], [200, 1, 64, 9, 31]]  # two lengths: each is one more jit compile
+NEW_TOKENS = 6
+SEQ = 16
+
+
+def test_bf16_batched_greedy_decoding_equals_one_prompt_at_a_time():
+    """Batches of 2 and 3 ragged prompts (left-padded together) run, and each row's greedy tokens are the tokens
+    the program generates from that prompt alone (a decode program's batch follows the prompts it is given). The
+    naive-cache pipeline never hit the bug: its dots all suit YNNPACK at these shapes."""
+    text = TINY.read_text()
+    assert "compute f32" in text
+    spec = dsv3c.parse(text.replace("compute f32", "compute bf16"), str(TINY))  # params stay f32
+    prog = dsv3c.compile(spec, mode="decode", batch=len(PROMPTS), seq=SEQ)
+    params = prog.init_params(seed=3)
+    alone = [np.asarray(prog.generate(params, [prompt], NEW_TOKENS))[0] for prompt in PROMPTS]
+    for batch in (2, 3):
+        tokens = np.asarray(prog.generate(params, PROMPTS[:batch], NEW_TOKENS))
+        assert tokens.shape == (batch, NEW_TOKENS)
+        np.testing.assert_array_equal(tokens, np.stack(alone[:batch]))
