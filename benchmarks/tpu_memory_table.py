@@ -1,7 +1,7 @@
 """deepseek3-test on tpu-v5p-8 (batch 4, seq 2048), ahead of time: dsv3c's memory per device beside MaxText's, in one
 run on this host (REFERENCE.md sections 7 and 9).
 
-    python benchmarks/tpu_memory_table.py [--rows fsdp4,fsdp4-full,fsdp2tp2-full] [--maxtext TOOL]
+    python benchmarks/tpu_memory_table.py [--rows fsdp4,fsdp2tp2,fsdp4-full] [--maxtext TOOL]
 
 Each dsv3c row is `dsv3c compile examples/deepseek3-test.dsv3 --target tpu-v5p-8 --mesh MESH --batch 4 --seq 2048
 [-p PIPELINE] --report R` in a fresh process; each MaxText row is its own `train_compile` through the shared tool
@@ -27,6 +27,8 @@ ROWS = {
     "fsdp4": ("fsdp=4", None, "fsdp4"),
     "fsdp4-full": ("fsdp=4", "dsv3-remat{policy=full}", "fsdp4"),
     "fsdp2tp2-full": ("fsdp=2,tensor=2", "dsv3-remat{policy=full}", "fsdp2tp2"),
+    "fsdp4-deepseek": ("fsdp=4", "dsv3-remat{policy=deepseek}", "fsdp4"),
+    "fsdp2tp2": ("fsdp=2,tensor=2", None, "fsdp2tp2"),
 }
 MAXTEXT = {"fsdp4": ["ici_fsdp_parallelism=4"], "fsdp2tp2": ["ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]}
 

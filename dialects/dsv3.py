@@ -681,10 +681,35 @@ class CrossEntropyOp(_Op):
     traits = traits_def(Pure())
 
 
+@irdl_op_definition
+class HeadLossOp(_Op):
+    """The output head and its cross-entropy in one: mean over tokens where mask is 1 of the cross-entropy of the
+    float32 logits h @ head against labels, computed `chunks` slices of the sequence at a time so that the full
+    [B, S, V] logits never exist (the backward pass recomputes each slice's logits). h [B,S,D], head [D,V],
+    labels and mask [B,S]. `dsv3-fuse-head-loss` makes it from a `dsv3.matmul` feeding a `dsv3.cross_entropy`."""
+
+    name = "dsv3.head_loss"
+    h = operand_def(TensorType)
+    head = operand_def(TensorType)
+    labels = operand_def(TensorType)
+    mask = operand_def(TensorType)
+    chunks = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        h, w = shape_of(self.h), shape_of(self.head)
+        self.expect(len(h) == 3 and len(w) == 2, f"h must be [B,S,D] and head [D,V], got {_fmt(h)} and {_fmt(w)}")
+        self.expect(_dims_match(h[-1], w[0]), f"h width {h[-1]} != head input width {w[0]}")
+        self.expect(len(shape_of(self.labels)) == 2 and len(shape_of(self.mask)) == 2, "labels and mask are [B,S]")
+        self.expect(self.int_prop("chunks") >= 1, "chunks must be at least 1")
+
+
 CORE_OPS: list[type[IRDLOperation]] = [
         ParamOp, OptimizerOp, YieldOp, LayerStackOp, OutputOp, BiasUpdateOp, TokenWindowOp, PositionsOp, EmbedOp,
         RMSNormOp, MatmulOp, TransposeOp, SplitHeadsOp, MergeHeadsOp, SliceOp, ConcatOp, RopeOp, AttentionOp,
         SwiGLUOp, AddOp, SumOp, RouterOp, ExpertsOp, BalanceLossOp, ExpertLoadOp, GradMaskOp, CrossEntropyOp,
+        HeadLossOp,
 ]
 """The model-level ops; `dialects/dialect.py` assembles them with the ops of the other dialect modules."""
 

@@ -25,6 +25,12 @@ def _fp8_quant() -> type[ModulePass]:
     return FP8Quant
 
 
+def _fuse_head_loss() -> type[ModulePass]:
+    from .fuse_head_loss import FuseHeadLossPass
+
+    return FuseHeadLossPass
+
+
 def _kernels() -> type[ModulePass]:
     from .kernels import KernelsPass
 
@@ -71,6 +77,7 @@ ALL_PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "dsv3-dce": _dce,
     "dsv3-drop-mtp": _drop_mtp,
     "dsv3-fp8-quant": _fp8_quant,
+    "dsv3-fuse-head-loss": _fuse_head_loss,
     "dsv3-kernels": _kernels,
     "dsv3-kv-cache": _kv_cache,
     "dsv3-mla-absorb": _mla_absorb,
