@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .frontend.errors import SpecError, UserError
+from .frontend.limits import MAX_IR_BYTES
+from .frontend.source import read_source
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -94,7 +96,9 @@ def _cmd_opt(args: argparse.Namespace) -> int:
     path = Path(args.input)
     if not path.exists():
         raise UserError(f"no such file: {path}")
-    module, positions = parse_ir_with_positions(path.read_text(), str(path))
+    if path.suffix == ".dsv3":
+        raise UserError(f"opt reads dsv3 IR (.mlir), not a spec: `dsv3c compile {path} --dump-ir DIR` writes its IR")
+    module, positions = parse_ir_with_positions(read_source(path, "IR file", MAX_IR_BYTES), str(path))
 
     def locate(err: Exception) -> SpecError:
         return SpecError(str(err), str(path), *positions.get(id(getattr(err, "op", None)), (0, 0)))
