@@ -143,7 +143,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = TokenFile(args.data, _vocab_of(load_module(args.input)), args.seed) if args.data else None
 
     prog = compile(
-        args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq, steps=args.steps, log=_log,
+        args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq, steps=_schedule_steps(args),
+        log=_log,
         mesh=mesh, shard_mode=args.shard_mode, devices=args.devices, rules=args.rules,
         fp8=args.fp8,
     )
@@ -160,6 +161,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
             line += f"; expert load max/mean per MoE layer {balance}"
         print(line)
     return 0
+
+
+def _schedule_steps(args: argparse.Namespace) -> int:
+    """The run length the learning-rate schedule decays over (when the spec's `decay_steps` is 0). It belongs to the
+    run, not to one invocation: `--total-steps`, else what the checkpoint being resumed recorded, else `--steps`."""
+    from .runtime.checkpoint import latest_meta
+
+    recorded = (latest_meta(args.ckpt) or {}).get("total_steps") if args.resume else None
+    if args.total_steps is not None:
+        if recorded is not None and recorded != args.total_steps:
+            _log(f"warning: --total-steps {args.total_steps} changes the schedule the run began with ({recorded} "
+                 "steps): the result will differ from an uninterrupted run")
+        total = args.total_steps
+    else:
+        total = recorded or args.steps
+    if recorded is not None and args.steps > total:
+        _log(f"note: the learning-rate schedule spans {total} steps; steps after it keep its final rate "
+             "(start a run with --total-steps to plan a longer one)")
+    return total
 
 
 def _parse_prompts(text: str) -> list[list[int]]:
@@ -372,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("input", metavar="INPUT", help=_SPEC_OR_IR)
     t.add_argument("--steps", type=int_at_least(1), required=True, metavar="N",
                    help="train until step N (a resumed run counts the steps already done)")
+    t.add_argument("--total-steps", type=int_at_least(1), metavar="N",
+                   help="the run's planned length, which the learning-rate schedule decays over when the spec "
+                   "gives no decay_steps; default: what a resumed checkpoint recorded, else --steps")
     t.add_argument("--target", default="cpu", help="cpu or gpu (a local device)")
     t.add_argument("--batch", type=int_at_least(1), default=16, help="sequences per step")
     t.add_argument("--seq", type=int_at_least(1), default=64, help="tokens per sequence")

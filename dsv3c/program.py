@@ -122,6 +122,7 @@ class Program:
         self.compiled_text = ""
         self.report: dict[str, Any] = {}
         self.infos = param_infos(module)
+        self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
         # Ahead-of-time targets always need a mesh: it is what names the (topology) devices XLA compiles for.
         self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))

@@ -270,7 +270,7 @@ _TRAIN = Block(
                     "betas": Key((_float("b1", BETA), _float("b2", BETA))),
                     "eps": _field(_float("eps")),
                     "weight_decay": _field(_float("weight_decay", NON_NEGATIVE)),
-                    "clip": _field(_float("clip")),
+                    "clip": _field(_float("clip", NON_NEGATIVE)),  # 0 turns clipping off
                     "moments": _field(_word("moments", *_DTYPES)),
                 }
             ),
