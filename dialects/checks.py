@@ -36,8 +36,8 @@ def _optimizer_and_model(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
         yield module, "the module has no func.func @model"
         return
     args = models[0].body.block.args if models[0].body.blocks else ()
-    if len(args) != 1 or not isinstance(args[0].type, TensorType) or len(dsv3.shape_of(args[0])) != 2:
-        yield models[0], "@model takes one argument, the tokens tensor<?x?xi32>"
+    if not args or not isinstance(args[0].type, TensorType) or len(dsv3.shape_of(args[0])) != 2:
+        yield models[0], "@model's first argument must be the tokens, a tensor<?x?xi32>"
 
 
 def _params(module: ModuleOp) -> Iterator[tuple[Operation, str]]:

@@ -257,18 +257,18 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     check_read_dir(args.hf_dir, "HF_DIR")
     check_output_file(args.output, "-o")
     check_write_dir(args.params, "--params")
+    from .frontend.parser import parse
     from .runtime.hf_import import HFCheckpoint, load_params, mtp_depth, spec_text
     from .runtime.params_io import save_params
 
     ckpt = HFCheckpoint(args.hf_dir)
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in Path(args.output).stem) or "imported"
     text = spec_text(ckpt.config, mtp_depth(ckpt), name if name[0].isalpha() else f"m_{name}", args.dtype)
+    # Everything is read and checked before anything is written: a damaged checkpoint leaves no half an import.
+    params = load_params(ckpt, parse(text, args.output)) if args.params else None
     _write_atomic(Path(args.output), text)
     _log(f"wrote {args.output}")
-    if args.params:
-        from .frontend.parser import parse
-
-        params = load_params(ckpt, parse(text, args.output))
+    if params is not None:
         save_params(args.params, params)
         _log(f"wrote {len(params)} parameters ({sum(p.size for p in params.values()):,} values) to {args.params}")
     return 0
