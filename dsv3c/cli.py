@@ -50,11 +50,14 @@ def _prepare_platform(args: argparse.Namespace) -> None:
     if devices:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    if args.target != "gpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if getattr(args, "coordinator", None):
-        import jax
+    import jax  # already imported with the dsv3c package, so its configuration is set directly as well
 
+    if args.target != "gpu" and not os.environ.get("JAX_PLATFORMS"):
+        # Only the CPU backend runs here: without this, JAX would also start libtpu, which logs host-bound errors
+        # on machines without a TPU (TPU targets load libtpu themselves, for topologies only).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+    if getattr(args, "coordinator", None):
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
@@ -64,7 +67,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     check_devices(args.devices, mesh)
     check_write_dir(args.dump_ir, "--dump-ir")
     check_output_file(args.report, "--report")
-    _prepare_platform(args)  # before JAX is imported: it reads JAX_PLATFORMS once
+    _prepare_platform(args)  # before JAX starts a backend
     from .program import compile, write_dumps
 
     pipeline = "" if args.no_passes else (args.pipeline or "default")
@@ -135,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_file(args.metrics, "--metrics")
     if args.data:
         read_token_ids(args.data)
-    _prepare_platform(args)  # before JAX is imported: it reads JAX_PLATFORMS once
+    _prepare_platform(args)  # before JAX starts a backend
     from .program import compile, load_module
     from .runtime.loop import load_balance, train
 
