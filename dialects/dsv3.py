@@ -15,6 +15,7 @@ that verifiers can check shapes when the IR is built, parsed or edited by hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -44,6 +45,7 @@ from xdsl.irdl import (
 from xdsl.traits import IsTerminator, Pure, RecursiveMemoryEffect
 from xdsl.utils.exceptions import VerifyException
 
+from ..frontend.limits import MAX_MTP_DEPTH
 from .attributes import ShardingAttr
 from .kernels import ATTENTION_KERNELS, EXPERT_KERNELS, Kernel, KernelAttr
 from .quant_attr import QuantAttr, check_tiling
@@ -122,6 +124,18 @@ class _Op(IRDLOperation):
             allowed = ", ".join(k.value for k in self.KERNELS)
             self.expect(kernel in self.KERNELS, f"kernel '{kernel.value}' is not one of this op's ({allowed})")
 
+    def expect_range(self, name: str, low: float, high: float = math.inf, low_open: bool = False,
+                     high_open: bool = True) -> None:
+        """A numeric property must be finite and in the given interval; IR text can say `inf`, `nan` or anything."""
+        value = self.float_prop(name)
+        ok = math.isfinite(value) and (low < value if low_open else low <= value)
+        ok = ok and (value < high if high_open else value <= high)
+        if high == math.inf:
+            what = "positive" if low == 0 and low_open else "non-negative" if low == 0 else f"at least {low:g}"
+        else:
+            what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        self.expect(ok, f"{name} must be finite and {what}, got {value:g}")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Declarations and structure
@@ -167,7 +181,8 @@ class ParamOp(_Op):
             dims = len(self.sharding.axes)
             self.expect(dims == len(shape), f"'{self.pname}': sharding has {dims} dimensions for rank {len(shape)}")
         if self.init.data == "normal":
-            self.expect(self.std is not None and self.std.value.data > 0, f"'{self.pname}': normal init needs std > 0")
+            std = None if self.std is None else self.std.value.data
+            self.expect(std is not None and 0 < std < math.inf, f"'{self.pname}': normal init needs a finite std > 0")
 
 
 @irdl_op_definition
@@ -193,7 +208,15 @@ class OptimizerOp(_Op):
         self.expect(self.kind.data == "adamw", f"unknown optimizer '{self.kind.data}' (only adamw)")
         self.expect(self.schedule.data in ("cosine", "linear", "constant"), f"unknown schedule '{self.schedule.data}'")
         self.expect(self.moments.data in ("f32", "bf16"), "moments must be f32 or bf16")
-        self.expect(self.float_prop("lr") > 0, "lr must be positive")
+        self.expect_range("lr", 0, low_open=True)
+        self.expect_range("b1", 0, 1)
+        self.expect_range("b2", 0, 1)
+        self.expect_range("eps", 0, low_open=True)
+        self.expect_range("weight_decay", 0)
+        self.expect_range("clip", 0)
+        self.expect_range("warmup", 0)
+        self.expect_range("decay_steps", 0)
+        self.expect_range("min_lr_ratio", 0, 1, high_open=False)
 
 
 @irdl_op_definition
@@ -280,6 +303,7 @@ class OutputOp(_Op):
     def verify_(self) -> None:
         if self.weight is not None:
             self.expect(shape_of(self.value) == (), f"loss term '{self.output_name.data}' must be a scalar")
+            self.expect_range("weight", 0)
 
 
 @irdl_op_definition
@@ -292,6 +316,9 @@ class BiasUpdateOp(_Op):
     param = prop_def(StringAttr)
     rate = prop_def(FloatAttr)
     assembly_format = "operands attr-dict `:` type(operands)"
+
+    def verify_(self) -> None:
+        self.expect_range("rate", 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,6 +337,12 @@ class TokenWindowOp(_Op):
     ids = result_def(TensorType)
     mask = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        # 0 is the inputs, 1 the labels, k + 1 the targets of MTP module k; beyond, the window would mask everything.
+        offset = self.int_prop("offset")
+        last = MAX_MTP_DEPTH + 1
+        self.expect(0 <= offset <= last, f"offset must be in [0, {last}] (inputs, labels, MTP targets), got {offset}")
 
 
 @irdl_op_definition
@@ -351,7 +384,7 @@ class RMSNormOp(_Op):
         width = shape_of(self.x)[-1]
         got = _fmt(shape_of(self.weight))
         self.expect(shape_of(self.weight) == (width,), f"weight must have shape {width}, got {got}")
-        self.expect(self.float_prop("eps") > 0, "eps must be positive")
+        self.expect_range("eps", 0, low_open=True)
 
 
 @irdl_op_definition
@@ -469,8 +502,14 @@ class RopeOp(_Op):
     def verify_(self) -> None:
         self.expect(shape_of(self.x)[-1] % 2 == 0, "the rotated width must be even")
         self.expect(self.layout.data in ("interleaved", "half"), "layout must be interleaved or half")
+        self.expect_range("theta", 0, low_open=True)
         if self.yarn_factor is not None:
             self.expect(self.yarn_original_len is not None, "yarn_factor needs yarn_original_len")
+            self.expect_range("yarn_factor", 1)
+            self.expect_range("yarn_original_len", 1)
+            for name in ("yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim"):
+                if name in self.properties:
+                    self.expect_range(name, 0)
 
 
 @irdl_op_definition
@@ -496,6 +535,7 @@ class AttentionOp(_Op):
         self.verify_kernel()
         qn, qp, kn, kp, v = (shape_of(x) for x in (self.q_nope, self.q_pe, self.k_nope, self.k_pe, self.v))
         self.expect(len(qn) == 4 and len(kp) == 3, "q/k/v must be [B,S,H,d] and k_pe [B,S,r]")
+        self.expect_range("scale", 0, low_open=True)
         self.expect(qn[2] == kn[2] == v[2] == qp[2], "q, k and v must have the same number of heads")
         self.expect(qn[3] == kn[3], f"q_nope width {qn[3]} != k_nope width {kn[3]}")
         self.expect(qp[3] == kp[2], f"q_pe width {qp[3]} != k_pe width {kp[2]}")
@@ -570,6 +610,7 @@ class RouterOp(_Op):
         groups, keep = self.int_prop("groups"), self.int_prop("keep_groups")
         self.expect(shape_of(self.bias) == (experts,), f"bias must have shape {experts}")
         self.expect(self.score.data in ("sigmoid", "softmax"), "score must be sigmoid or softmax")
+        self.expect_range("scale", 0, low_open=True)
         self.expect(0 < k <= experts, f"top_k = {k} must be in [1, {experts}]")
         self.expect(groups >= 1 and experts % groups == 0, f"groups = {groups} must divide {experts} experts")
         self.expect(1 <= keep <= groups, f"keep_groups = {keep} must be in [1, groups = {groups}]")
@@ -642,6 +683,9 @@ class BalanceLossOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def verify_(self) -> None:
+        self.expect_range("alpha", 0)
+
 
 @irdl_op_definition
 class ExpertLoadOp(_Op):
@@ -667,6 +711,9 @@ class GradMaskOp(_Op):
     threshold = prop_def(FloatAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def verify_(self) -> None:
+        self.expect_range("threshold", 0, low_open=True)
 
 
 @irdl_op_definition

@@ -6,6 +6,8 @@ was read so that a verifier's complaint about a hand-edited file comes back as `
 
 from __future__ import annotations
 
+import re
+
 from xdsl.context import Context
 from xdsl.dialects.builtin import Builtin, ModuleOp
 from xdsl.dialects.func import Func
@@ -14,6 +16,8 @@ from xdsl.parser import Parser
 from xdsl.utils.exceptions import DiagnosticException, ParseError, VerifyException
 
 from ..frontend.errors import SpecError
+from ..frontend.limits import MAX_IR_BYTES
+from .checks import module_problems
 from .dialect import DSV3
 
 
@@ -49,17 +53,52 @@ def parse_ir(text: str, path: str = "<string>") -> ModuleOp:
 
 def parse_ir_with_positions(text: str, path: str = "<string>") -> tuple[ModuleOp, dict[int, tuple[int, int]]]:
     """`parse_ir`, also returning where each op starts (keyed by `id(op)`), for errors found by later passes."""
-    parser = _PositionRecordingParser(make_context(), text, path)
+    if len(text) > MAX_IR_BYTES:
+        raise SpecError(f"IR text larger than {MAX_IR_BYTES >> 20} MiB", path)
+    _check_strings(text, path)
     try:
+        # The parser lexes its first token on construction, so that too can fail.
+        parser = _PositionRecordingParser(make_context(), text, path)
         module = parser.parse_module()
     except ParseError as err:
-        loc = err.span.get_location()
-        message = err.msg.strip() or "unexpected end of input"
-        if loc.line and err.span.start >= len(text.rstrip()):
-            message = f"unexpected end of input ({message})"
-        raise SpecError(message, path, loc.line, loc.col) from None
+        raise _parse_error(err, text, path) from None
+    except (VerifyException, DiagnosticException) as err:
+        # Attributes are built (and checked) while parsing: `32 : i0` fails there, not in a verifier.
+        span = parser._current_token.span.get_location()
+        raise SpecError(str(err).strip().splitlines()[0], path, span.line, span.col) from None
+    except (RecursionError, OverflowError, ValueError) as err:
+        # xDSL parses nested types and attributes recursively and converts numbers without bounds.
+        raise SpecError(f"IR the parser cannot handle: {type(err).__name__}: {err}", path) from None
     verify_ir(module, path, parser.positions)
     return module, parser.positions
+
+
+# xDSL's own string pattern (its `_unescaped_characters_regex`), then an unmatched quote. Its pattern nests
+# quantifiers, so an unterminated string makes it backtrack exponentially: a string literal that does not close on
+# its line took minutes. This scan is linear (one alternative per character) and runs first.
+_STRING_SCAN = re.compile(r'//[^\n]*|"(?:[^"\\\n\v\f]|\\(?:["nt\\]|[0-9A-Fa-f]{2}))*"|"')
+
+
+def _check_strings(text: str, path: str) -> None:
+    for match in _STRING_SCAN.finditer(text):
+        if match.group() == '"':
+            start = match.start()
+            line = text.count("\n", 0, start) + 1
+            col = start - (text.rfind("\n", 0, start) + 1) + 1
+            raise SpecError("unterminated string literal (or a bad escape in it)", path, line, col)
+
+
+def _parse_error(err: ParseError, text: str, path: str) -> SpecError:
+    """xDSL's parse error, with its message completed: some lexer messages keep an unfilled `{first_char}`."""
+    loc = err.span.get_location()
+    start = err.span.start
+    char = text[start] if start < len(text) else ""
+    message = err.msg.strip().replace("{first_char}", repr(char)) or "unexpected end of input"
+    if char == "#" and not text[text.rfind("\n", 0, start) + 1 : start].strip():
+        message = "unexpected '#': IR comments start with '//' (is this a .dsv3 spec? `dsv3c compile` reads those)"
+    elif loc.line and start >= len(text.rstrip()):
+        message = f"unexpected end of input ({message})"
+    return SpecError(message, path, loc.line, loc.col)
 
 
 def verify_ir(module: ModuleOp, path: str = "<ir>", positions: dict[int, tuple[int, int]] | None = None) -> None:
@@ -71,6 +110,9 @@ def verify_ir(module: ModuleOp, path: str = "<ir>", positions: dict[int, tuple[i
             line, col = (positions or {}).get(id(op), (0, 0))
             message = str(err).strip().splitlines()[0] if str(err).strip() else f"invalid '{op.name}'"
             raise SpecError(message, path, line, col) from None
+    for op, message in module_problems(module):
+        line, col = (positions or {}).get(id(op), (0, 0))
+        raise SpecError(message, path, line, col)
 
 
 def print_ir(module: Operation) -> str:

@@ -9,10 +9,27 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .frontend.errors import SpecError, UserError
+from .frontend.limits import MAX_IR_BYTES
+from .frontend.source import read_source
+from .options import (
+    MAX_SEED,
+    check_devices,
+    check_input,
+    check_output_file,
+    check_read_dir,
+    check_write_dir,
+    finite_at_least,
+    int_at_least,
+    parse_mesh,
+)
+
+if TYPE_CHECKING:
+    from xdsl.dialects.builtin import ModuleOp
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -20,18 +37,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(message)
-
-
-def _parse_mesh(text: str | None) -> dict[str, int] | None:
-    if not text:
-        return None
-    mesh: dict[str, int] = {}
-    for item in text.split(","):
-        name, _, size = item.partition("=")
-        if not name or not size.isdigit() or int(size) < 1:
-            raise UserError(f"--mesh: expected AXIS=N[,AXIS=N...], got '{item}'")
-        mesh[name.strip()] = int(size)
-    return mesh
 
 
 def _log(message: str) -> None:
@@ -45,22 +50,30 @@ def _prepare_platform(args: argparse.Namespace) -> None:
     if devices:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    if args.target != "gpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if getattr(args, "coordinator", None):
-        import jax
+    import jax  # already imported with the dsv3c package, so its configuration is set directly as well
 
+    if args.target != "gpu" and not os.environ.get("JAX_PLATFORMS"):
+        # Only the CPU backend runs here: without this, JAX would also start libtpu, which logs host-bound errors
+        # on machines without a TPU (TPU targets load libtpu themselves, for topologies only).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+    if getattr(args, "coordinator", None):
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    check_input(args.input)
+    mesh = parse_mesh(args.mesh)
+    check_devices(args.devices, mesh)
+    check_write_dir(args.dump_ir, "--dump-ir")
+    check_output_file(args.report, "--report")
+    _prepare_platform(args)  # before JAX starts a backend
     from .program import compile, write_dumps
 
-    _prepare_platform(args)
     pipeline = "" if args.no_passes else (args.pipeline or "default")
     prog = compile(
         args.input, target=args.target, mode=args.mode, batch=args.batch, seq=args.seq,
-        mesh=_parse_mesh(args.mesh), shard_mode=args.shard_mode, pipeline=pipeline, log=_log,
+        mesh=mesh, shard_mode=args.shard_mode, pipeline=pipeline, log=_log,
         devices=args.devices, rules=args.rules, fp8=args.fp8,
     )
     if args.dump_ir:
@@ -88,13 +101,18 @@ def _count(n: int) -> str:
 
 
 def _cmd_opt(args: argparse.Namespace) -> int:
+    if args.list_passes:
+        return _cmd_passes(args)
+    if args.input is None:
+        raise UserError("opt needs INPUT.mlir (or --list-passes)")
+    check_input(args.input)
     from .dialects.text import parse_ir_with_positions, print_ir
     from .pipeline import run_pipeline
 
     path = Path(args.input)
-    if not path.exists():
-        raise UserError(f"no such file: {path}")
-    module, positions = parse_ir_with_positions(path.read_text(), str(path))
+    if path.suffix == ".dsv3":
+        raise UserError(f"opt reads dsv3 IR (.mlir), not a spec: `dsv3c compile {path} --dump-ir DIR` writes its IR")
+    module, positions = parse_ir_with_positions(read_source(path, "IR file", MAX_IR_BYTES), str(path))
 
     def locate(err: Exception) -> SpecError:
         return SpecError(str(err), str(path), *positions.get(id(getattr(err, "op", None)), (0, 0)))
@@ -109,18 +127,31 @@ def _cmd_opt(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .program import compile
-    from .runtime.data import SyntheticStream, TokenFile
+    from .runtime.data import SyntheticStream, TokenFile, read_token_ids
+
+    check_input(args.input)
+    mesh = parse_mesh(args.mesh)
+    check_devices(args.devices, mesh)
+    if args.resume and not args.ckpt:
+        raise UserError("--resume needs --ckpt DIR (the directory to resume from)")
+    check_write_dir(args.ckpt, "--ckpt")
+    check_output_file(args.metrics, "--metrics")
+    if args.data:
+        read_token_ids(args.data)
+    _prepare_platform(args)  # before JAX starts a backend
+    from .program import compile, load_module
     from .runtime.loop import load_balance, train
 
-    _prepare_platform(args)
+    # Token ids are checked against the vocabulary before compiling; parsing the model twice costs milliseconds.
+    data = TokenFile(args.data, _vocab_of(load_module(args.input)), args.seed) if args.data else None
+
     prog = compile(
-        args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq, steps=args.steps, log=_log,
-        mesh=_parse_mesh(args.mesh), shard_mode=args.shard_mode, devices=args.devices, rules=args.rules,
+        args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq, steps=_schedule_steps(args),
+        log=_log,
+        mesh=mesh, shard_mode=args.shard_mode, devices=args.devices, rules=args.rules,
         fp8=args.fp8,
     )
-    vocab = prog.report["vocab"]
-    data = TokenFile(args.data, vocab, args.seed) if args.data else SyntheticStream(vocab, args.seed)
+    data = data or SyntheticStream(prog.report["vocab"], args.seed)
     history = train(
         prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
         save_every=args.save_every, log_every=args.log_every, log=print, metrics_path=args.metrics,
@@ -135,6 +166,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_steps(args: argparse.Namespace) -> int:
+    """The run length the learning-rate schedule decays over (when the spec's `decay_steps` is 0). It belongs to the
+    run, not to one invocation: `--total-steps`, else what the checkpoint being resumed recorded, else `--steps`."""
+    from .runtime.checkpoint import latest_meta
+
+    recorded = (latest_meta(args.ckpt) or {}).get("total_steps") if args.resume else None
+    if args.total_steps is not None:
+        if recorded is not None and recorded != args.total_steps:
+            _log(f"warning: --total-steps {args.total_steps} changes the schedule the run began with ({recorded} "
+                 "steps): the result will differ from an uninterrupted run")
+        total = args.total_steps
+    else:
+        total = recorded or args.steps
+    if recorded is not None and args.steps > total:
+        _log(f"note: the learning-rate schedule spans {total} steps; steps after it keep its final rate "
+             "(start a run with --total-steps to plan a longer one)")
+    return total
+
+
 def _parse_prompts(text: str) -> list[list[int]]:
     """`1,2,3` is one prompt; `1,2,3;4,5` two (of any lengths, generated as one batch)."""
     try:
@@ -147,30 +197,48 @@ def _parse_prompts(text: str) -> list[list[int]]:
     return prompts
 
 
+def _vocab_of(module: ModuleOp) -> int:
+    """The vocabulary size the IR declares: the rows of its embedding table."""
+    from .dialects.dsv3 import shape_of, walk_params
+
+    tables = [op for op in walk_params(module) if op.pname == "embed"]
+    if not tables:
+        raise UserError("the model declares no 'embed' parameter, so its vocabulary is unknown")
+    return shape_of(tables[0].result)[0]
+
+
+def _check_prompt_ids(prompts: list[list[int]], vocab: int) -> None:
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise UserError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
-
-    from .program import compile
-    from .runtime.hf_import import import_hf
-    from .runtime.params_io import load_params
 
     if bool(args.hf) == bool(args.input or args.ckpt) or (args.input and not args.ckpt):
         raise UserError("generate takes either INPUT --ckpt DIR or --hf DIR")
     prompts = _parse_prompts(args.prompt_ids)
+    if args.input:
+        check_input(args.input)
+    check_read_dir(args.ckpt, "--ckpt")
+    check_read_dir(args.hf, "--hf")
+    from .program import compile, load_module
+    from .runtime.hf_import import import_hf
+    from .runtime.params_io import load_params
+
     params = None
     source = args.input
     if args.hf:
         source, params = import_hf(args.hf, dtype=args.dtype)
         _log(f"imported {args.hf}")
+    _check_prompt_ids(prompts, _vocab_of(load_module(source)))
     default = "dsv3-mtp-draft,dsv3-mla-absorb,dsv3-kv-cache" if args.speculative else "default"
     pipeline = "" if args.no_passes else (args.pipeline or default)
     prog = compile(source, mode="decode", batch=len(prompts), seq=max(map(len, prompts)) + args.max_new,
                    pipeline=pipeline, log=_log)
     if params is None:
         params = load_params(args.ckpt, prog.infos)
-    vocab = prog.report["vocab"]
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise UserError(f"--prompt-ids: token ids must be in [0, {vocab})")
     clock = time.perf_counter()
     if args.speculative:
         result = prog.generate(params, prompts, args.max_new, speculative=True)
@@ -189,18 +257,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
+    check_read_dir(args.hf_dir, "HF_DIR")
+    check_output_file(args.output, "-o")
+    check_write_dir(args.params, "--params")
+    from .frontend.parser import parse
     from .runtime.hf_import import HFCheckpoint, load_params, mtp_depth, spec_text
     from .runtime.params_io import save_params
 
     ckpt = HFCheckpoint(args.hf_dir)
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in Path(args.output).stem) or "imported"
     text = spec_text(ckpt.config, mtp_depth(ckpt), name if name[0].isalpha() else f"m_{name}", args.dtype)
+    # Everything is read and checked before anything is written: a damaged checkpoint leaves no half an import.
+    params = load_params(ckpt, parse(text, args.output)) if args.params else None
     _write_atomic(Path(args.output), text)
     _log(f"wrote {args.output}")
-    if args.params:
-        from .frontend.parser import parse
-
-        params = load_params(ckpt, parse(text, args.output))
+    if params is not None:
         save_params(args.params, params)
         _log(f"wrote {len(params)} parameters ({sum(p.size for p in params.values()):,} values) to {args.params}")
     return 0
@@ -213,96 +284,167 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, except where there is none to show (None, False, "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS))
+        if shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+_TARGETS = "cpu, gpu (the local GPU), gpu-h100, gpu-h200, tpu-v5p-N, tpu-v5e-N, tpu-v6e-N (ahead of time)"
+_MODES = "train (a full training step), forward (logits), prefill and decode (KV-cache inference steps)"
+_SPEC_OR_IR = "a .dsv3 spec or a .mlir file of dsv3 IR (as --dump-ir writes it)"
+
+
 def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (axes: data, fsdp, fsdp_transpose, "
-                        "expert, tensor, tensor_transpose)")
-    parser.add_argument("--shard-mode", default="auto", choices=["auto", "explicit"])
-    parser.add_argument("--rules", default="", help="sharding rules tried first, e.g. embed=fsdp+expert,mlp=tensor")
-    parser.add_argument("--devices", type=int, help="simulated CPU devices (target cpu)")
+    parser.add_argument("--mesh", metavar="AXIS=N,...", help="device mesh, e.g. fsdp=4,tensor=2 (axes: "
+                        "data, fsdp, fsdp_transpose, expert, tensor, tensor_transpose); default: FSDP over all devices")
+    parser.add_argument("--shard-mode", default="auto", choices=["auto", "explicit"],
+                        help="auto: XLA propagates shardings; explicit: JAX's explicit-axis sharding in the types")
+    parser.add_argument("--rules", default="", metavar="LOGICAL=AXIS+AXIS,...",
+                        help="sharding rules tried before the defaults, e.g. embed=fsdp+expert,mlp=tensor")
+    parser.add_argument("--devices", type=int_at_least(1), metavar="N",
+                        help="simulated CPU devices (target cpu); must equal the mesh's size when both are given")
 
 
 def _add_fp8_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp8", choices=["native", "emulate"],
-        help="DeepSeek-V3's FP8 recipe (adds dsv3-fp8-quant): native FP8 GEMMs (H100/H200) or exact emulation",
+        help="DeepSeek-V3's FP8 recipe (adds dsv3-fp8-quant): native FP8 GEMMs (H100/H200) or exact emulation; "
+        "default: off",
     )
 
 
+def _add_pipeline_options(parser: argparse.ArgumentParser, default: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-p", dest="pipeline", metavar="PIPELINE",
+                       help=f"pass pipeline, e.g. 'dsv3-drop-mtp,dsv3-dce' (`dsv3c passes` lists them); default: "
+                       f"{default}")
+    group.add_argument("--no-passes", action="store_true", help="run no pass at all")
+
+
+def _pass_summary(name: str) -> str:
+    """One line on a pass: its class docstring, or its module's where the class has none of its own."""
+    import dataclasses
+    import sys as _sys
+
+    from .passes import ALL_PASSES
+
+    cls = ALL_PASSES[name]()
+    doc = cls.__doc__ or ""
+    if doc.startswith(f"{cls.__name__}("):  # the signature dataclasses write when a class has no docstring
+        doc = _sys.modules[cls.__module__].__doc__ or ""
+    line = doc.strip().split("\n\n")[0].replace("\n", " ")
+    line = line.split(". ")[0].rstrip(".").removeprefix(f"`{name}`: ")
+    options = " ".join(f"{f.name}={_option_text(f.default)}" for f in dataclasses.fields(cls))
+    return f"{name}{'{' + options + '}' if options else ''}: {line}"
+
+
+def _option_text(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or '""'
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from .passes import ALL_PASSES
+    from .pipeline import DEFAULT_PIPELINES
+
+    for name in ALL_PASSES:
+        print(_pass_summary(name))
+    print("\ndefault pipelines: " + "; ".join(f"{mode}: {spec}" for mode, spec in DEFAULT_PIPELINES.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="dsv3c", description="A compiler for DeepSeek-V3-family models.")
+    parser = _ArgumentParser(prog="dsv3c", description="A compiler for DeepSeek-V3-family models.",
+                             formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
-    c = sub.add_parser("compile", help="compile a .dsv3 spec or .mlir IR file for a target")
-    c.add_argument("input")
-    c.add_argument("--target", default="cpu")
-    c.add_argument("--mode", default="train", choices=["train", "forward", "prefill", "decode"])
-    c.add_argument("--batch", type=int, default=8)
-    c.add_argument("--seq", type=int, default=128)
+    def command(name: str, text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        cmd.set_defaults(run=run)
+        return cmd
+
+    c = command("compile", "compile a model for a target and report its size, FLOPs and memory", _cmd_compile)
+    c.add_argument("input", metavar="INPUT", help=_SPEC_OR_IR)
+    c.add_argument("--target", default="cpu", help=f"what to compile for: {_TARGETS}")
+    c.add_argument("--mode", default="train", choices=["train", "forward", "prefill", "decode"], help=_MODES)
+    c.add_argument("--batch", type=int_at_least(1), default=8, help="sequences per step")
+    c.add_argument("--seq", type=int_at_least(1), default=128, help="tokens per sequence (decode: the cache length)")
     _add_mesh_options(c)
-    group = c.add_mutually_exclusive_group()
-    group.add_argument("-p", dest="pipeline", help="pass pipeline, e.g. 'dsv3-drop-mtp,dsv3-dce'")
-    group.add_argument("--no-passes", action="store_true")
-    c.add_argument("--dump-ir", metavar="DIR")
-    c.add_argument("--report", metavar="FILE.json")
+    _add_pipeline_options(c, "the mode's default pipeline")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after each pass, StableHLO and XLA's HLO")
+    c.add_argument("--report", metavar="FILE.json", help="write the compile report as JSON")
     _add_fp8_option(c)
-    c.set_defaults(run=_cmd_compile)
 
-    o = sub.add_parser("opt", help="run passes over a .mlir IR file and print the result")
-    o.add_argument("input")
-    o.add_argument("-p", dest="pipeline", default="")
-    o.add_argument("--print-between-passes", action="store_true")
-    o.set_defaults(run=_cmd_opt)
+    o = command("opt", "run passes over a .mlir file of dsv3 IR and print the result", _cmd_opt)
+    o.add_argument("input", nargs="?", metavar="INPUT.mlir", help="dsv3 IR, as --dump-ir writes it")
+    o.add_argument("-p", dest="pipeline", default="", metavar="PIPELINE",
+                   help="pass pipeline, e.g. 'dsv3-drop-mtp,dsv3-dce'; default: none (parse, verify and print)")
+    o.add_argument("--print-between-passes", action="store_true", help="print the IR after every pass")
+    o.add_argument("--list-passes", action="store_true", help="list the passes and exit (as `dsv3c passes`)")
 
-    t = sub.add_parser("train", help="train a model on CPU")
-    t.add_argument("input")
-    t.add_argument("--steps", type=int, required=True)
-    t.add_argument("--target", default="cpu")
-    t.add_argument("--batch", type=int, default=16)
-    t.add_argument("--seq", type=int, default=64)
-    t.add_argument("--data", metavar="PATH", help=".npy array of token ids (default: a synthetic learnable stream)")
-    t.add_argument("--ckpt", metavar="DIR")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--seed", type=int, default=0)
+    t = command("train", "train a model (on CPU or a local GPU)", _cmd_train)
+    t.add_argument("input", metavar="INPUT", help=_SPEC_OR_IR)
+    t.add_argument("--steps", type=int_at_least(1), required=True, metavar="N",
+                   help="train until step N (a resumed run counts the steps already done)")
+    t.add_argument("--total-steps", type=int_at_least(1), metavar="N",
+                   help="the run's planned length, which the learning-rate schedule decays over when the spec "
+                   "gives no decay_steps; default: what a resumed checkpoint recorded, else --steps")
+    t.add_argument("--target", default="cpu", help="cpu or gpu (a local device)")
+    t.add_argument("--batch", type=int_at_least(1), default=16, help="sequences per step")
+    t.add_argument("--seq", type=int_at_least(1), default=64, help="tokens per sequence")
+    t.add_argument("--data", metavar="FILE.npy", help=".npy array of token ids; default: a synthetic learnable stream")
+    t.add_argument("--ckpt", metavar="DIR", help="save checkpoints here (created if missing); default: none")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt")
+    t.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="initialisation and data seed")
     _add_mesh_options(t)
     t.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator, for multi-process runs")
-    t.add_argument("--num-processes", type=int, default=1)
-    t.add_argument("--process-id", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--num-processes", type=int_at_least(1), default=1, help="processes in a multi-process run")
+    t.add_argument("--process-id", type=int_at_least(0), default=0, help="this process's index in [0, num-processes)")
+    t.add_argument("--save-every", type=int_at_least(1), default=100, metavar="N",
+                   help="save a checkpoint every N steps (and at the end)")
+    t.add_argument("--log-every", type=int_at_least(1), default=10, metavar="N", help="print progress every N steps")
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append each step's scalar metrics as a JSON line")
     _add_fp8_option(t)
-    t.set_defaults(run=_cmd_train)
 
-    g = sub.add_parser("generate", help="generate tokens with the KV-cache decoder (INPUT --ckpt DIR or --hf DIR)")
-    g.add_argument("input", nargs="?", help=".dsv3 spec or .mlir IR (with --ckpt)")
+    g = command("generate", "generate tokens with the KV-cache decoder (INPUT --ckpt DIR or --hf DIR)", _cmd_generate)
+    g.add_argument("input", nargs="?", metavar="INPUT", help=f"{_SPEC_OR_IR} (with --ckpt)")
     g.add_argument("--ckpt", metavar="DIR", help="training checkpoint or `import-hf --params` directory")
     g.add_argument("--hf", metavar="DIR", help="HuggingFace DeepSeek-V3 directory (config.json + safetensors)")
-    g.add_argument("--prompt-ids", required=True, help="token ids, e.g. 1,2,3 (';' separates prompts)")
-    g.add_argument("--max-new", type=int, required=True)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eos", type=int, help="stop token: a sequence repeats it once generated")
-    g.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype for --hf")
+    g.add_argument("--prompt-ids", required=True, metavar="IDS",
+                   help="token ids, e.g. 1,2,3 (';' separates prompts, of any lengths)")
+    g.add_argument("--max-new", type=int_at_least(1), required=True, metavar="N", help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=finite_at_least(0), default=0.0, help="sampling temperature; 0 is greedy")
+    g.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="sampling seed")
+    g.add_argument("--eos", type=int_at_least(0), metavar="ID",
+                   help="stop token: a sequence repeats it once generated; default: none")
+    g.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype for --hf; default: the "
+                   "config's")
     g.add_argument("--speculative", action="store_true", help="greedy, drafting one token ahead with the MTP module")
-    gp = g.add_mutually_exclusive_group()
-    gp.add_argument("-p", dest="pipeline", help="pass pipeline (default: dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache)")
-    gp.add_argument("--no-passes", action="store_true")
-    g.set_defaults(run=_cmd_generate)
+    _add_pipeline_options(g, "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache")
 
-    h = sub.add_parser("import-hf", help="write the .dsv3 spec (and parameters) of a HuggingFace DeepSeek-V3 directory")
-    h.add_argument("hf_dir")
-    h.add_argument("-o", dest="output", required=True, metavar="OUT.dsv3")
+    h = command("import-hf", "write the .dsv3 spec (and parameters) of a HuggingFace DeepSeek-V3 directory",
+                _cmd_import_hf)
+    h.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and *.safetensors")
+    h.add_argument("-o", dest="output", required=True, metavar="OUT.dsv3", help="the spec to write")
     h.add_argument("--params", metavar="DIR", help="also write the parameters in the IR's layout (params.safetensors)")
-    h.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype (default: the config's)")
-    h.set_defaults(run=_cmd_import_hf)
+    h.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype; default: the config's")
+
+    command("passes", "list the passes, their options with defaults, and the default pipelines", _cmd_passes)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "steps", 1) is not None and getattr(args, "steps", 1) < 1:
-            raise UserError("--steps must be at least 1")
         return args.run(args)
     except SpecError as err:
         print(str(err), file=sys.stderr)
@@ -310,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"dsv3c: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dsv3c passes | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("dsv3c: interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,9 @@ from .dialects.text import parse_ir_with_positions, print_ir, verify_ir
 from .fp8 import check_fp8_option, fp8_mode, fp8_report
 from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
+from .frontend.limits import MAX_IR_BYTES
 from .frontend.parser import load
+from .frontend.source import read_source
 from .frontend.spec import ModelSpec
 from .pipeline import parse_passes, pipeline_text, run_pipeline
 from .report import build_report, model_flops, roofline
@@ -71,7 +73,8 @@ def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
         if not path.exists():
             raise UserError(f"no such file: {path}")
         if path.suffix == ".mlir":
-            module, positions = parse_ir_with_positions(path.read_text(), str(path))
+            text = read_source(path, "IR file", MAX_IR_BYTES)
+            module, positions = parse_ir_with_positions(text, str(path))
             return module, lambda err: SpecError(
                 str(err), str(path), *positions.get(id(getattr(err, "op", None)), (0, 0))
             )
@@ -119,6 +122,7 @@ class Program:
         self.compiled_text = ""
         self.report: dict[str, Any] = {}
         self.infos = param_infos(module)
+        self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
         # Ahead-of-time targets always need a mesh: it is what names the (topology) devices XLA compiles for.
         self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))

@@ -348,8 +348,16 @@ def _tpu_devices(kind: str, chips: int) -> list[Any]:
     return list(topology.devices)
 
 
+def _has_module(name: str) -> bool:
+    """`find_spec` of a dotted name imports its parent package, and raises when that is missing."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _gpu_devices(kind: str, count: int) -> list[Any]:
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not _has_module("jax_plugins.xla_cuda12"):
         raise UserError(
             f"GPU targets need the CUDA plugin to compile ahead of time: pip install 'dsv3c[gpu-aot]' ({kind})"
         )

@@ -29,6 +29,8 @@ from xdsl.dialects.func import FuncOp, ReturnOp
 from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 
 from ..dialects import dsv3
+from ..dialects.checks import module_problems
+from .errors import SpecError
 from .spec import AttentionSpec, ModelSpec, MoESpec
 
 DYN = dsv3.DYN
@@ -373,6 +375,9 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
 
     _emit_mtp(em, h, table, head, positions)
     block.add_op(ReturnOp())
+    for _op, message in module_problems(module):
+        # The spec's fields are each bounded; only their products can break a module-wide limit: blame the model.
+        raise SpecError(message, spec.path, *spec.positions.get("model", (0, 0)))
     return module
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .errors import SpecError
+from .limits import MAX_INT, MAX_MTP_DEPTH, MAX_NESTING, MAX_NUMBER_CHARS, MAX_SPEC_BYTES
+from .source import read_source
 from .spec import (
     AttentionSpec,
     DenseFFNSpec,
@@ -62,6 +65,7 @@ NON_NEGATIVE = Bound("non-negative", lambda v: v >= 0)
 AT_LEAST_ONE = Bound("at least 1", lambda v: v >= 1)
 BETA = Bound("in [0, 1)", lambda v: 0 <= v < 1)
 FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+MTP_DEPTH = Bound(f"in [0, {MAX_MTP_DEPTH}]", lambda v: 0 <= v <= MAX_MTP_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ _MODEL = Block(
         ),
         "mtp": Key(
             block=Block(
-                {"depth": _field(_int("depth", NON_NEGATIVE)), "weight": _field(_float("weight", NON_NEGATIVE))},
+                {"depth": _field(_int("depth", MTP_DEPTH)), "weight": _field(_float("weight", NON_NEGATIVE))},
                 MTPSpec,
             ),
             dest="mtp",
@@ -266,7 +270,7 @@ _TRAIN = Block(
                     "betas": Key((_float("b1", BETA), _float("b2", BETA))),
                     "eps": _field(_float("eps")),
                     "weight_decay": _field(_float("weight_decay", NON_NEGATIVE)),
-                    "clip": _field(_float("clip")),
+                    "clip": _field(_float("clip", NON_NEGATIVE)),  # 0 turns clipping off
                     "moments": _field(_word("moments", *_DTYPES)),
                 }
             ),
@@ -339,6 +343,7 @@ _TOKEN_NAMES = {
 
 def _syntax_tree(text: str, path: str) -> Tree:
     """Parses with lark; a trailing newline is added so that a comment on the last line still ends a separator."""
+    _check_nesting(text, path)
     try:
         return _lark().parse(text if text.endswith("\n") else text + "\n")
     except UnexpectedInput as exc:
@@ -377,6 +382,20 @@ def _eof_error(text: str, path: str) -> SpecError:
         return SpecError("unexpected end of input: this '{' is never closed", path, line, col)
     line, col = _line_col(text, len(text.rstrip()))
     return SpecError("unexpected end of input", path, line, col)
+
+
+def _check_nesting(text: str, path: str) -> None:
+    """Refuses nesting deeper than the language uses before lark builds a tree whose conversion would recurse once
+    per level (thousands of `{` would end in a RecursionError)."""
+    depth = 0
+    for match in _BRACE_SCAN.finditer(text):
+        if match.group() == "{":
+            depth += 1
+            if depth > MAX_NESTING:
+                line, col = _line_col(text, match.start())
+                raise SpecError(f"blocks nested deeper than {MAX_NESTING} levels", path, line, col)
+        elif match.group() == "}":
+            depth = max(depth - 1, 0)
 
 
 def _line_col(text: str, offset: int) -> tuple[int, int]:
@@ -497,11 +516,17 @@ class _Walk:
 
     def convert(self, key: str, slot: Slot, value: Value) -> Any:
         """Turns a written value into the Python value its slot wants, or says why it cannot."""
+        if value.kind == "NUMBER" and len(value.text) > MAX_NUMBER_CHARS:
+            raise self.fail(f"'{key}': number too long ({len(value.text)} characters)", value.line, value.col)
         converted = _CONVERTERS[slot.kind](slot, value)
         if converted is None:
             raise self.fail(_type_message(key, slot, value), value.line, value.col)
         if slot.bound is not None and not slot.bound.test(converted):
             raise self.fail(f"'{key}' must be {slot.bound.text}, got {value.text}", value.line, value.col)
+        if slot.kind == "int" and abs(converted) > MAX_INT:
+            raise self.fail(f"'{key}' must be at most {MAX_INT}, got {value.text}", value.line, value.col)
+        if slot.kind == "float" and not math.isfinite(converted):
+            raise self.fail(f"'{key}' must be a finite number, got {value.text}", value.line, value.col)
         return converted
 
 
@@ -663,8 +688,4 @@ def parse(text: str, filename: str = "<string>") -> ModelSpec:
 
 def load(path: str | Path) -> ModelSpec:
     """Reads and parses a `.dsv3` file; errors name the file as given."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec: {exc.strerror}", str(path)) from None
-    return parse(text, str(path))
+    return parse(read_source(path, "spec", MAX_SPEC_BYTES), str(path))

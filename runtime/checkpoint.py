@@ -86,6 +86,18 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return path if (path / "state.safetensors").exists() else None
 
 
+def latest_meta(directory: str | Path) -> dict[str, Any] | None:
+    """The metadata of the latest checkpoint in `directory` (its step, the run's `total_steps`), or None; read
+    before compiling a resumed run, whose learning-rate schedule must be the one the run began with."""
+    found = latest_checkpoint(directory)
+    if found is None:
+        return None
+    try:
+        return json.loads((found / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"checkpoint {found}: unreadable meta.json ({err})") from None
+
+
 def restore_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
     """Loads a checkpoint into the structure of `template` (the state a fresh run would start from)."""
     path = Path(path)

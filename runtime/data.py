@@ -37,19 +37,29 @@ class SyntheticStream:
         return tokens
 
 
+def read_token_ids(path: str | Path) -> np.ndarray:
+    """The token ids of a `.npy` file, memory-mapped; anything else (a missing file, a `.npz` archive, floats) is a
+    `--data` user error. Cheap enough to run before compiling, so a bad file is refused first."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data: no such file: {path}" if not path.exists() else f"--data: {path} is not a file")
+    try:
+        data = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"--data: {path} is not a readable .npy array of token ids ({err})") from None
+    if not isinstance(data, np.ndarray):
+        raise UserError(f"--data: {path} is a .npz archive; save one array of token ids with numpy.save (.npy)")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise UserError(f"--data: {path} holds {data.dtype} values; token ids must be integers")
+    return data
+
+
 class TokenFile:
     """Random windows of a token-id file: a `.npy` array of integers (1-D stream, or 2-D rows read as one stream)."""
 
     def __init__(self, path: str | Path, vocab: int, seed: int = 0):
         path = Path(path)
-        if not path.exists():
-            raise UserError(f"--data: no such file: {path}")
-        try:
-            data = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise UserError(f"--data: {path} is not a readable .npy array of token ids ({err})") from None
-        if not np.issubdtype(data.dtype, np.integer):
-            raise UserError(f"--data: {path} holds {data.dtype} values; token ids must be integers")
+        data = read_token_ids(path)
         stream = np.asarray(data).reshape(-1)
         if stream.size and (stream.min() < 0 or stream.max() >= vocab):
             raise UserError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,31 @@ class _Entry:
     end: int
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(name: str, meta: Any, path: Path) -> _Entry:
+    """One tensor's header entry, checked: a known dtype, a shape of counts, offsets that hold exactly the bytes
+    the dtype and shape need (a header that says I32 over F32 data of the same size is caught by `_Reader`)."""
+    where = f"tensor '{name}' in {path}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: its header entry is not a JSON object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{where} has unsupported or missing dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
+    entry = _Entry(_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+    expected = math.prod(entry.shape) * entry.dtype.itemsize
+    if entry.end - entry.start != expected:
+        raise CheckpointError(f"{where}: {entry.end - entry.start} bytes for shape {shape} of {dtype} ({expected})")
+    return entry
+
+
 class SafetensorsFile:
     """One `.safetensors` file: the JSON header parsed eagerly (it is small), the data memory-mapped on first use.
 
@@ -88,24 +114,16 @@ class SafetensorsFile:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
         self.data_start = 8 + length
-        self.entries: dict[str, _Entry] = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if meta["dtype"] not in _DTYPES:
-                raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {meta['dtype']}")
-            start, end = meta["data_offsets"]
-            self.entries[name] = _Entry(_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        self.entries = {
+            name: _header_entry(name, meta, path) for name, meta in header.items() if name != "__metadata__"
+        }
         self.size = path.stat().st_size
 
     def read(self, name: str) -> np.ndarray:
         """A copy of tensor `name` (the mapping is released when the file object goes)."""
         e = self.entries[name]
-        expected = math.prod(e.shape) * e.dtype.itemsize
-        if e.end - e.start != expected:
-            raise CheckpointError(
-                f"tensor '{name}' in {self.path}: {e.end - e.start} bytes for shape {list(e.shape)} of {e.dtype}"
-            )
         if self.data_start + e.end > self.size:
             raise CheckpointError(
                 f"tensor '{name}' in {self.path} is cut off: the file ends at byte {self.size}, the tensor at "
@@ -116,6 +134,22 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(self._map, np.uint8, count=e.end - e.start, offset=self.data_start + e.start)
         return buf.view(e.dtype).reshape(e.shape).copy()
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard map of `model.safetensors.index.json`, checked."""
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: unreadable ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: needs a \"weight_map\" object of tensor name -> shard file name")
+    return weight_map
 
 
 class HFCheckpoint:
@@ -131,10 +165,14 @@ class HFCheckpoint:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{config_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{config_path}: unreadable ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{config_path}: not a JSON object")
         self._files: dict[str, SafetensorsFile] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
         else:
             weight_map = {}
             shards = sorted(self.directory.glob("*.safetensors"))
@@ -216,12 +254,25 @@ def _dtype(cfg: dict[str, Any], override: str | None) -> str:
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if cfg.get("quantization_config"):
         return "bf16"  # DeepSeek's FP8 release dequantises to bf16
-    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, "f32")
+    known = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    if name not in known:
+        raise UserError(f"config dtype {name!r} is not supported (float32, bfloat16 or float16; or pass --dtype)")
+    return known[name]
 
 
 def spec_text(cfg: dict[str, Any], mtp_depth: int, name: str = "imported", dtype: str | None = None) -> str:
     """The `.dsv3` spec of a HF DeepSeek-V3 (or -V2) config. `mtp_depth` is how many MTP layers the checkpoint
-    actually holds (a config may announce one that a conversion dropped)."""
+    actually holds (a config may announce one that a conversion dropped). A config that lacks a field the spec
+    needs, or holds a value of the wrong kind, is a user error naming the field."""
+    try:
+        return _spec_text(cfg, mtp_depth, name, dtype)
+    except KeyError as exc:
+        raise UserError(f"config.json lacks '{exc.args[0]}', which the model needs") from None
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise UserError(f"config.json holds a value of the wrong kind ({exc})") from None
+
+
+def _spec_text(cfg: dict[str, Any], mtp_depth: int, name: str, dtype: str | None) -> str:
     if cfg.get("moe_layer_freq", 1) != 1:
         raise UserError("moe_layer_freq != 1 is not supported (dsv3c stacks dense layers first, then MoE layers)")
     if cfg.get("attention_bias"):
@@ -275,9 +326,18 @@ def spec_text(cfg: dict[str, Any], mtp_depth: int, name: str = "imported", dtype
 
 def mtp_depth(ckpt: HFCheckpoint) -> int:
     """MTP layers the checkpoint holds: consecutive indices from `num_hidden_layers` with an `eh_proj`."""
-    n, depth = ckpt.config["num_hidden_layers"], 0
+    n, depth = ckpt.config.get("num_hidden_layers"), 0
+    if not _is_count(n):
+        raise UserError(f"config.json: num_hidden_layers must be a non-negative integer, got {n!r}")
     while f"model.layers.{n + depth}.eh_proj.weight" in ckpt:
         depth += 1
+    layers = {int(m.group(1)) for key in ckpt.weight_map if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    beyond = sorted(i for i in layers if i >= n + depth)
+    if beyond:
+        # Importing would silently drop these layers: the config and the weights disagree.
+        raise CheckpointError(
+            f"the checkpoint holds layer {beyond[0]}, beyond num_hidden_layers = {n} and its {depth} MTP layer(s)"
+        )
     return depth
 
 
@@ -323,6 +383,8 @@ class _Reader:
         """Tensor `name` in our layout ([in, out] when `transpose`), converted to `dtype`."""
         hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         value = self.ckpt.read(name, hf_shape)
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype not in _FP8:
+            raise CheckpointError(f"tensor '{name}' is stored as {value.dtype}; weights must be floating point")
         if value.dtype in _FP8:
             value = self._dequantise(name, value)
         value = value.astype(np.float32) if value.dtype != np.float32 else value
@@ -404,8 +466,10 @@ def load_params(ckpt: HFCheckpoint, spec: ModelSpec) -> dict[str, np.ndarray]:
 
     infos = param_infos(build_ir(spec))
     quant = ckpt.config.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size") or (128, 128))
-    reader = _Reader(ckpt, (int(block[0]), int(block[1])))
+    block = (quant.get("weight_block_size") or [128, 128]) if isinstance(quant, dict) else None
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(_is_count(b) and b > 0 for b in block)):
+        raise UserError(f"config.json: quantization_config.weight_block_size must be two positive integers: {block}")
+    reader = _Reader(ckpt, (block[0], block[1]))
     sources = dict(_param_sources(spec))
     params: dict[str, np.ndarray] = {}
     for name, info in infos.items():

@@ -74,6 +74,11 @@ def train(
             state, meta = restore_checkpoint(found, prog.abstract_state())
             start = int(meta["step"])
             say(f"resumed from {found} at step {start}")
+            if meta.get("total_steps", prog.total_steps) != prog.total_steps:
+                say(f"warning: the run began with a learning-rate schedule over {meta['total_steps']} steps; this "
+                    f"program's is over {prog.total_steps}, so the resumed run differs from an uninterrupted one")
+    # The schedule's length goes with every checkpoint, so that a resumed run is compiled with the same schedule.
+    run_meta = {"total_steps": prog.total_steps}
     history = TrainLog()
     tokens_per_step = prog.batch * prog.seq
     clock, last_logged = time.perf_counter(), start
@@ -97,15 +102,15 @@ def train(
                 clock, last_logged = now, step
                 say(_progress_line(step, steps, scalars, rate, history.expert_load))
             if ckpt is not None and step % save_every == 0:
-                save_checkpoint(ckpt, state, step)
+                save_checkpoint(ckpt, state, step, run_meta)
     except KeyboardInterrupt:
         if ckpt is not None and step > start:
             jax.block_until_ready(state)
-            save_checkpoint(ckpt, state, step)
+            save_checkpoint(ckpt, state, step, run_meta)
             say(f"interrupted: saved step {step} to {ckpt}")
         raise
     if ckpt is not None and step > start and step % save_every:
-        save_checkpoint(ckpt, state, step)
+        save_checkpoint(ckpt, state, step, run_meta)
     history.final_state = state
     return history
 

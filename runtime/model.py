@@ -11,6 +11,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.dialects.func import FuncOp
 
 from ..dialects import dsv3
+from ..frontend.errors import UserError
 from .lower import LoweringContext, lower_block
 
 
@@ -32,7 +33,7 @@ def model_func(module: ModuleOp) -> FuncOp:
     for op in module.ops:
         if isinstance(op, FuncOp) and op.sym_name.data == "model":
             return op
-    raise ValueError("the module has no func.func @model")
+    raise UserError("the module has no func.func @model")
 
 
 def param_infos(module: ModuleOp) -> dict[str, ParamInfo]:

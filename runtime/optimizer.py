@@ -7,6 +7,7 @@ import optax
 from xdsl.dialects.builtin import ModuleOp
 
 from ..dialects import dsv3
+from ..frontend.errors import UserError
 from .model import ParamInfo
 
 
@@ -14,7 +15,7 @@ def optimizer_op(module: ModuleOp) -> dsv3.OptimizerOp:
     for op in module.ops:
         if isinstance(op, dsv3.OptimizerOp):
             return op
-    raise ValueError("the module declares no dsv3.optimizer")
+    raise UserError("the module declares no dsv3.optimizer (a train or forward program needs one)")
 
 
 def schedule(op: dsv3.OptimizerOp, total_steps: int) -> optax.Schedule:

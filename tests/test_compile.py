@@ -73,7 +73,7 @@ def test_maxtext_test_config_has_its_published_size(tmp_path):
         (["--target", "tpu-v7-8"], "dsv3c: error: unknown target 'tpu-v7-8'"),
         (["--target", "tpu-v5p-3"], "is not a v5p slice size"),
         (["--mode", "decode", "-p", "dsv3-drop-mtp"], "mode 'decode' needs the dsv3-kv-cache pass"),
-        (["--batch", "0"], "batch and seq must be positive"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
         (["--mesh", "data=two"], "--mesh: expected AXIS=N"),
         (["--mesh", "fsdp=3"], "do not divide 'embed' of size 64"),
         (["--mesh", "model=2"], "unknown mesh axis 'model'"),

@@ -216,3 +216,77 @@ def test_cli_import_then_generate(tmp_path, capsys):
     assert out == [",".join(str(t) for t in ref["greedy"][0])]
     assert main(["generate", "--hf", str(FIXTURES / "interleave"), "--ckpt", str(params_dir), "--prompt-ids", "1",
                  "--max-new", "2"]) == 2
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Rewrites a safetensors file's JSON header through `edit` (data offsets are relative, so the data stays)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8 : 8 + length]))
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
+def _first_tensor(header: dict) -> dict:
+    return next(meta for name, meta in header.items() if name != "__metadata__")
+
+
+def _edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _drop(mapping: dict, key: str) -> dict:
+    mapping.pop(key)
+    return mapping
+
+
+MALFORMED_HF = {
+    "header-is-a-list": ("interleave", "model.safetensors", lambda h: list(h), "header is not a JSON object"),
+    "header-lacks-dtype": ("interleave", "model.safetensors", lambda h: (_first_tensor(h).pop("dtype"), h)[1],
+                           "unsupported or missing dtype None"),
+    "string-data-offsets": ("interleave", "model.safetensors",
+                            lambda h: (_first_tensor(h).update(data_offsets=["0", "4"]), h)[1], "data_offsets must be"),
+    "negative-data-offsets": ("interleave", "model.safetensors",
+                              lambda h: (_first_tensor(h).update(data_offsets=[-4, 0]), h)[1], "data_offsets must be"),
+    "header-dtype-vs-size": ("interleave", "model.safetensors",
+                             lambda h: (_first_tensor(h).update(dtype="F16"), h)[1], "bytes for shape"),
+    "integer-weights": ("interleave", "model.safetensors",
+                        lambda h: ({m.update(dtype="I32") for n, m in h.items() if m.get("dtype") == "F32"}, h)[1],
+                        "weights must be floating point"),
+    "index-invalid-json": ("yarn", "model.safetensors.index.json", None, "invalid JSON"),
+    "index-lacks-weight-map": ("yarn", "model.safetensors.index.json", lambda i: _drop(i, "weight_map"),
+                               "needs a \"weight_map\""),
+    "config-lacks-heads": ("interleave", "config.json", lambda c: _drop(c, "num_attention_heads"),
+                           "lacks 'num_attention_heads'"),
+    "yarn-lacks-original-length": (
+        "yarn", "config.json", lambda c: (c["rope_parameters"].pop("original_max_position_embeddings"), c)[1],
+        "lacks 'original_max_position_embeddings'",
+    ),
+    "zero-fp8-blocks": ("fp8", "config.json",
+                        lambda c: (c["quantization_config"].update(weight_block_size=[0, 0]), c)[1],
+                        "weight_block_size must be two positive integers"),
+    "fewer-layers-than-checkpoint": ("interleave", "config.json",
+                                     lambda c: (c.update(num_hidden_layers=c["num_hidden_layers"] - 1), c)[1],
+                                     "beyond num_hidden_layers"),
+    "int8-config-dtype": ("interleave", "config.json", lambda c: (c.update(torch_dtype="int8", dtype="int8"), c)[1],
+                          "config dtype 'int8' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_HF)
+def test_malformed_checkpoints_are_user_errors(case, tmp_path, capsys):
+    """Each damaged or inconsistent checkpoint is one `dsv3c: error:` line naming the problem, exit code 2."""
+    variant, file, edit, message = MALFORMED_HF[case]
+    directory = _copy(variant, tmp_path)
+    path = directory / file
+    if edit is None:
+        path.write_text("{ not json")
+    elif file.endswith(".safetensors"):
+        _edit_header(path, edit)
+    else:
+        _edit_json(path, edit)
+    args = ["import-hf", str(directory), "-o", str(tmp_path / "m.dsv3"), "--params", str(tmp_path / "p")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("dsv3c: error:"), err
+    assert message in err, err

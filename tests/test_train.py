@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dsv3c
-from dsv3c.runtime.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from dsv3c.runtime.checkpoint import latest_checkpoint, latest_meta, restore_checkpoint, save_checkpoint
 from dsv3c.runtime.data import SyntheticStream, TokenFile
 from dsv3c.runtime.loop import load_balance, train
 
@@ -30,8 +32,14 @@ def test_tiny_trains_to_well_under_half_its_start_loss(tiny_prog):
     assert history.metrics[-1]["lm_loss"] < 0.4 * history.metrics[0]["lm_loss"]
 
 
-def test_resume_continues_with_bit_identical_losses(tmp_path):
-    prog = dsv3c.compile(EXAMPLES / "tiny.dsv3", batch=4, seq=32, steps=24)
+@pytest.fixture(scope="module")
+def small_prog():
+    """Tiny shapes, a learning-rate schedule planned over 40 steps (`--total-steps 40`)."""
+    return dsv3c.compile(EXAMPLES / "tiny.dsv3", batch=4, seq=32, steps=40)
+
+
+def test_resume_continues_with_bit_identical_losses(tmp_path, small_prog):
+    prog = small_prog
     data = SyntheticStream(256, seed=3)
     straight = train(prog, 24, data, seed=1)
     ckpt = tmp_path / "ckpt"
@@ -43,6 +51,45 @@ def test_resume_continues_with_bit_identical_losses(tmp_path):
     assert first.losses() + resumed.losses() == straight.losses()  # exact equality, not approx
     final_straight = straight.final_state["params"]["embed"]
     np.testing.assert_array_equal(np.asarray(resumed.final_state["params"]["embed"]), np.asarray(final_straight))
+
+
+def test_resume_with_more_steps_continues_the_runs_schedule(tmp_path, small_prog):
+    """`train --steps 20 --total-steps 40`, then `--resume --steps 40`, ends bit for bit where an uninterrupted
+    40-step run does: the schedule is the run's (recorded in the checkpoint), not the invocation's `--steps`."""
+    data = SyntheticStream(256, seed=5)
+    straight = train(small_prog, 40, data, seed=2)
+    ckpt = tmp_path / "ckpt"
+    first = train(small_prog, 20, data, seed=2, ckpt=ckpt, save_every=7)
+    assert latest_meta(ckpt) == {"step": 20, "dtypes": {}, "total_steps": 40}
+    resumed = train(small_prog, 40, data, seed=2, ckpt=ckpt, resume=True)
+    assert first.losses() + resumed.losses() == straight.losses()
+    for name, value in straight.final_state["params"].items():
+        np.testing.assert_array_equal(np.asarray(resumed.final_state["params"][name]), np.asarray(value), name)
+
+
+def _fake_checkpoint(root: Path, meta: dict) -> None:
+    step = root / "step_00000020"
+    step.mkdir(parents=True)
+    (step / "state.safetensors").write_bytes(b"")
+    (step / "meta.json").write_text(json.dumps(meta))
+    (root / "latest").write_text(step.name)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "resume", "total_steps", "expected"),
+    [
+        (40, True, None, 40),  # a resumed run keeps the schedule it began with
+        (40, False, None, 60),  # a fresh run plans over its --steps
+        (None, True, None, 60),  # a checkpoint from before total_steps was recorded
+        (40, True, 80, 80),  # an explicit --total-steps wins (with a warning)
+    ],
+)
+def test_schedule_length_comes_from_the_run(tmp_path, recorded, resume, total_steps, expected):
+    from dsv3c.cli import _schedule_steps
+
+    _fake_checkpoint(tmp_path, {"step": 20, "dtypes": {}} | ({"total_steps": recorded} if recorded else {}))
+    args = argparse.Namespace(ckpt=str(tmp_path), resume=resume, total_steps=total_steps, steps=60)
+    assert _schedule_steps(args) == expected
 
 
 def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_prog, monkeypatch):
