@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass, PassPipeline
-from xdsl.utils.arg_spec import ArgSpecParseError
+from xdsl.utils.arg_spec import ArgSpec, ArgSpecParseError
 from xdsl.utils.exceptions import PassFailedException
 
 from .dialects.text import make_context, print_ir, verify_ir
@@ -30,8 +30,12 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 
 def pipeline_text(passes: Sequence[ModulePass]) -> str:
-    """The `-p` text of a list of passes (what the report and the progress line show)."""
-    return ",".join(str(p.pipeline_pass_spec()) for p in passes)
+    """The `-p` text of a list of passes, every option with a value spelled out (what the report and the progress
+    line show)."""
+    specs = [p.pipeline_pass_spec(include_default=True) for p in passes]
+    return ",".join(
+        str(ArgSpec(spec.name, {name: value for name, value in spec.parameters.items() if value})) for spec in specs
+    )
 
 
 def run_pipeline(

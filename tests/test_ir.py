@@ -471,22 +471,24 @@ def test_unknown_pass_lists_the_known_ones(command: str, tmp_path, capsys) -> No
 def test_dump_ir_writes_every_stage_in_order(dumped, spec_path, input_text) -> None:
     out, report = dumped
     assert sorted(p.name for p in out.iterdir()) == [
-        "00-input.mlir", "01-dsv3-drop-mtp.mlir", "02-stablehlo.mlir", "03-compiled.hlo.txt",
-    ]
+        "00-input.mlir", "01-dsv3-drop-mtp.mlir", "02-dsv3-kernels.mlir", "03-stablehlo.mlir", "04-compiled.hlo.txt",
+    ]  # the target's kernel choice always comes last
     assert input_text == print_ir(dsv3c.build_ir(dsv3c.load(spec_path)))
     assert '"mtp.' in input_text and '"mtp.' not in (out / "01-dsv3-drop-mtp.mlir").read_text()
-    stablehlo = (out / "02-stablehlo.mlir").read_text()
+    stablehlo = (out / "03-stablehlo.mlir").read_text()
     assert stablehlo.lstrip().startswith("module @") and "stablehlo." in stablehlo
-    assert "HloModule" in (out / "03-compiled.hlo.txt").read_text()
-    assert report["mode"] == "forward" and report["pipeline"] == "dsv3-drop-mtp" and report["params_mtp"] == 0
+    assert "HloModule" in (out / "04-compiled.hlo.txt").read_text()
+    assert report["mode"] == "forward" and report["pipeline"].startswith("dsv3-drop-mtp,dsv3-kernels{")
+    assert report["params_mtp"] == 0
 
 
 def test_dumped_input_compiles_to_the_same_program(dumped, input_prog) -> None:
     out, report = dumped
-    assert input_prog.stablehlo == (out / "02-stablehlo.mlir").read_text()
+    assert input_prog.stablehlo == (out / "03-stablehlo.mlir").read_text()
     for key in ("params_total", "params_active_per_token", "params_mtp", "vocab", "pipeline"):
         assert input_prog.report[key] == report[key], key
-    assert [stage for stage, _ in input_prog.dumps] == ["input", "dsv3-drop-mtp", "stablehlo", "compiled"]
+    stages = ["input", "dsv3-drop-mtp", "dsv3-kernels", "stablehlo", "compiled"]
+    assert [stage for stage, _ in input_prog.dumps] == stages
 
 
 # --------------------------------------------------------------------------------------------------------------------

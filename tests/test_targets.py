@@ -52,9 +52,17 @@ def test_tpu_compile_ahead_of_time_reports_per_device_memory(tpu_expert_parallel
     memory = report["memory_per_device_bytes"]
     assert 0 < memory["arguments"] < 8 * 289_112 * 4  # sharded: well under params + AdamW state in f32 on one chip
     assert 0 < report["mfu_estimate"] <= 1
-    assert "dsv3-overlap{platform=tpu}" in report["pipeline"]
+    assert "dsv3-overlap{chunks=2 platform=\"tpu\"}" in report["pipeline"]
     with pytest.raises(dsv3c.UserError, match="compiled ahead of time"):
         tpu_expert_parallel.init_state(0)
+
+
+@needs_libtpu
+def test_tpu_attention_is_the_splash_kernel_forward_and_backward(tpu_expert_parallel):
+    assert "kernel = #dsv3<kernel splash>" in tpu_expert_parallel.dumps[-3][1]  # the dsv3-kernels dump
+    compiled = tpu_expert_parallel.compiled_text
+    for call in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert call in compiled, call
 
 
 @needs_libtpu
