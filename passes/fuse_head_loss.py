@@ -7,6 +7,10 @@ N slices of the sequence at a time, recomputing each slice's logits in the backw
 something else reads the logits (the `logits` output of a forward step; a train step drops it).
 
 Option: `chunks` (default 8; a sequence that `chunks` does not divide uses the largest divisor below it).
+
+Not in a default pipeline: on deepseek3-test / tpu-v5p-8 the step's peak is elsewhere (in the layers' backward), and
+the slices' weight-gradient carry added 0.3 GiB there (benchmarks/RESULTS.md). It pays where the logits are the peak:
+short models with large vocabularies, long sequences.
 """
 
 from __future__ import annotations
