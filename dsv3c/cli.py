@@ -354,11 +354,16 @@ def _option_text(value: object) -> str:
 
 def _cmd_passes(args: argparse.Namespace) -> int:
     from .passes import ALL_PASSES
-    from .pipeline import DEFAULT_PIPELINES
+    from .pipeline import pipeline_text
+    from .targets import PipelineRequest, resolve_target
 
     for name in ALL_PASSES:
         print(_pass_summary(name))
-    print("\ndefault pipelines: " + "; ".join(f"{mode}: {spec}" for mode, spec in DEFAULT_PIPELINES.items()))
+    print("\ndefault pipelines (one device, no FP8; a mesh adds dsv3-shard and, to train, dsv3-overlap):")
+    for target in (resolve_target(name) for name in ("cpu", "gpu-h100", "tpu-v5p-8")):
+        for mode in ("train", "forward", "prefill", "decode"):
+            passes = target.pipeline(target.default_passes(mode), mode, PipelineRequest())
+            print(f"  {target.name:<10} {mode:<8} {pipeline_text(passes)}")
     return 0
 
 
