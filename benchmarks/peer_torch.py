@@ -18,8 +18,11 @@ measurement, which prints JSON. The two frameworks never run at the same time; f
 dsv3c in this process.
 
 Timing: one warm-up call (dsv3c's includes the jit compile; `compile` + first call is reported as compile time), then
-`--reps` timed calls; tokens/s is from the median wall time. Process CPU time (all threads) is recorded too and
-printed as tokens per CPU-second: on a shared machine wall time also counts the waiting for a core.
+up to `--reps` timed calls, fewer once they add up to `--budget` seconds (at least one: that keeps the slow torch bf16
+rows within the run's time); tokens/s is from the median wall time. Process CPU time (all threads) is recorded too
+and printed as tokens per CPU-second: on a shared machine wall time also counts the waiting for a core. The rss row
+runs first, while the driver is still small: ru_maxrss is inherited through fork and exec, so a child of a big
+process would report its parent's peak (each child's VmHWM is printed as the cross-check).
 
 Why the torch worker gets OMP_WAIT_POLICY=PASSIVE by default: torch's OpenMP threads spin at every barrier, and on a
 machine whose load is above its core count a spinning thread holds a core that its sibling needs; on this 2-core
