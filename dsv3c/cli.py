@@ -131,7 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_input(args.input)
     mesh = parse_mesh(args.mesh)
-    check_devices(args.devices, mesh)
+    check_devices(args.devices, mesh, args.num_processes)
     if args.resume and not args.ckpt:
         raise UserError("--resume needs --ckpt DIR (the directory to resume from)")
     check_write_dir(args.ckpt, "--ckpt")

@@ -62,12 +62,14 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     return mesh
 
 
-def check_devices(devices: int | None, mesh: dict[str, int] | None) -> None:
-    """`--devices N` with a mesh of another size would run on fewer devices than asked, or fail after compiling."""
-    if devices and mesh and math.prod(mesh.values()) != devices:
+def check_devices(devices: int | None, mesh: dict[str, int] | None, processes: int = 1) -> None:
+    """`--devices N` (per process) with a mesh of another size would run on fewer devices than asked, or fail after
+    compiling. Across `processes` processes the mesh spans every process's devices."""
+    if devices and mesh and math.prod(mesh.values()) != devices * processes:
+        across = f" x {processes} processes" if processes > 1 else ""
         raise UserError(
             f"--mesh {','.join(f'{k}={v}' for k, v in mesh.items())} has {math.prod(mesh.values())} devices, "
-            f"but --devices asks for {devices}: make them agree"
+            f"but --devices asks for {devices}{across}: make them agree"
         )
 
 
