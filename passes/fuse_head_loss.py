@@ -45,9 +45,9 @@ class FuseHeadLoss(RewritePattern):
             result_types=[op.result.type],
             properties={"chunks": IntegerAttr(self.chunks, 64)},
         )
-        rewriter.replace_op(op, fused)
+        rewriter.replace(op, fused)
         if not head.result.uses:
-            rewriter.erase_op(head)
+            rewriter.erase(head)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ir_eval import ir_function
 
 import dsv3c
 from dsv3c.dialects.dsv3 import CrossEntropyOp, HeadLossOp, MatmulOp
 from dsv3c.frontend.errors import UserError
 from dsv3c.pipeline import run_pipeline
-from tests.ir_eval import ir_function
 
 
 def test_pass_fuses_every_head_loss_and_keeps_logits_only_where_read():
