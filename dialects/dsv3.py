@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import auto
 from typing import ClassVar
 
 from xdsl.dialects.builtin import (
@@ -28,10 +29,12 @@ from xdsl.dialects.builtin import (
     StringAttr,
     TensorType,
 )
-from xdsl.ir import Attribute, Operation, Region, SSAValue
+from xdsl.dialects.utils import EnumAttribute
+from xdsl.ir import Attribute, Operation, Region, SpacedOpaqueSyntaxAttribute, SSAValue
 from xdsl.irdl import (
     IRDLOperation,
     ParsePropInAttrDict,
+    irdl_attr_definition,
     irdl_op_definition,
     operand_def,
     opt_prop_def,
@@ -44,6 +47,7 @@ from xdsl.irdl import (
 )
 from xdsl.traits import IsTerminator, Pure, RecursiveMemoryEffect
 from xdsl.utils.exceptions import VerifyException
+from xdsl.utils.str_enum import StrEnum
 
 from ..frontend.limits import MAX_MTP_DEPTH
 from .attributes import ShardingAttr
@@ -72,6 +76,43 @@ def _same_shape(a: Sequence[int], b: Sequence[int]) -> bool:
 
 def _fmt(shape: Sequence[int]) -> str:
     return "x".join("?" if d == DYN else str(d) for d in shape) or "scalar"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choices: a closed set of words each, so a misspelt one is refused when the IR is parsed, not inside the lowering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RouterScore(StrEnum):
+    """How `dsv3.router` turns gate logits into expert scores."""
+
+    SIGMOID = auto()
+    """Independent sigmoid scores (DeepSeek-V3); a group's score is the sum of its top-2 biased scores."""
+    SOFTMAX = auto()
+    """A softmax over the experts (DeepSeek-V2); a group's score is its best one."""
+
+
+@irdl_attr_definition
+class RouterScoreAttr(EnumAttribute[RouterScore], SpacedOpaqueSyntaxAttribute):
+    """`#dsv3<score sigmoid>`."""
+
+    name = "dsv3.score"
+
+
+class RopeLayout(StrEnum):
+    """Which features of a head `dsv3.rope` rotates together, as the checkpoint stores them."""
+
+    INTERLEAVED = auto()
+    """Pairs (2i, 2i+1), as DeepSeek's own checkpoints."""
+    HALF = auto()
+    """Pairs (i, i + d/2), as HF transformers' rotate_half."""
+
+
+@irdl_attr_definition
+class RopeLayoutAttr(EnumAttribute[RopeLayout], SpacedOpaqueSyntaxAttribute):
+    """`#dsv3<rope_layout half>`."""
+
+    name = "dsv3.rope_layout"
 
 
 class _Op(IRDLOperation):
@@ -489,7 +530,7 @@ class RopeOp(_Op):
     x = operand_def(TensorType)
     positions = operand_def(TensorType)
     theta = prop_def(FloatAttr)
-    layout = prop_def(StringAttr)
+    layout = prop_def(RopeLayoutAttr)
     yarn_factor = opt_prop_def(FloatAttr)
     yarn_original_len = opt_prop_def(IntegerAttr)
     yarn_beta_fast = opt_prop_def(FloatAttr)
@@ -501,7 +542,6 @@ class RopeOp(_Op):
 
     def verify_(self) -> None:
         self.expect(shape_of(self.x)[-1] % 2 == 0, "the rotated width must be even")
-        self.expect(self.layout.data in ("interleaved", "half"), "layout must be interleaved or half")
         self.expect_range("theta", 0, low_open=True)
         if self.yarn_factor is not None:
             self.expect(self.yarn_original_len is not None, "yarn_factor needs yarn_original_len")
@@ -592,7 +632,7 @@ class RouterOp(_Op):
     x = operand_def(TensorType)
     w = operand_def(TensorType)
     bias = operand_def(TensorType)
-    score = prop_def(StringAttr)
+    score = prop_def(RouterScoreAttr)
     top_k = prop_def(IntegerAttr)
     groups = prop_def(IntegerAttr)
     keep_groups = prop_def(IntegerAttr)
@@ -609,7 +649,6 @@ class RouterOp(_Op):
         experts, k = ws[1], self.int_prop("top_k")
         groups, keep = self.int_prop("groups"), self.int_prop("keep_groups")
         self.expect(shape_of(self.bias) == (experts,), f"bias must have shape {experts}")
-        self.expect(self.score.data in ("sigmoid", "softmax"), "score must be sigmoid or softmax")
         self.expect_range("scale", 0, low_open=True)
         self.expect(0 < k <= experts, f"top_k = {k} must be in [1, {experts}]")
         self.expect(groups >= 1 and experts % groups == 0, f"groups = {groups} must divide {experts} experts")
@@ -759,6 +798,9 @@ CORE_OPS: list[type[IRDLOperation]] = [
         HeadLossOp,
 ]
 """The model-level ops; `dialects/dialect.py` assembles them with the ops of the other dialect modules."""
+
+CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr]
+"""The choice attributes of the model-level ops."""
 
 
 def walk_params(root: Operation) -> list[ParamOp]:

@@ -10,13 +10,42 @@ one tag in an IR file changes what the compiled program stores.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from enum import auto
 
 from xdsl.dialects.builtin import StringAttr, TensorType
-from xdsl.irdl import IRDLOperation, irdl_op_definition, operand_def, prop_def, result_def, traits_def
+from xdsl.dialects.utils import EnumAttribute
+from xdsl.ir import Attribute, SpacedOpaqueSyntaxAttribute
+from xdsl.irdl import (
+    IRDLOperation,
+    irdl_attr_definition,
+    irdl_op_definition,
+    operand_def,
+    prop_def,
+    result_def,
+    traits_def,
+)
 from xdsl.traits import Pure
+from xdsl.utils.str_enum import StrEnum
 
 from .dsv3 import LayerStackOp, _Op
+
+
+class RematAction(StrEnum):
+    """What the backward pass of a layer does with a tagged value."""
+
+    SAVE = auto()
+    """Kept in device memory from the forward pass."""
+    OFFLOAD = auto()
+    """Kept in host memory (`pinned_host`) and brought back for the backward pass."""
+    RECOMPUTE = auto()
+    """Not kept: recomputed from what was."""
+
+
+@irdl_attr_definition
+class RematActionAttr(EnumAttribute[RematAction], SpacedOpaqueSyntaxAttribute):
+    """`#dsv3<action save>`."""
+
+    name = "dsv3.action"
 
 
 @irdl_op_definition
@@ -28,11 +57,9 @@ class CheckpointOp(_Op):
     name = "dsv3.checkpoint"
     x = operand_def(TensorType)
     value_name = prop_def(StringAttr, prop_name="name")
-    action = prop_def(StringAttr)
+    action = prop_def(RematActionAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
-
-    ACTIONS: ClassVar[tuple[str, ...]] = ("save", "offload", "recompute")
 
     @property
     def tag(self) -> str:
@@ -41,7 +68,6 @@ class CheckpointOp(_Op):
     def verify_(self) -> None:
         self.expect(self.x.type == self.result.type, "result type must equal the operand type")
         self.expect(bool(self.tag), "name must not be empty")
-        self.expect(self.action.data in self.ACTIONS, f"action must be one of {', '.join(self.ACTIONS)}")
         parent = self.parent_op()
         self.expect(isinstance(parent, LayerStackOp), "must be inside a dsv3.layer_stack (a policy is per layer)")
         block = self.parent_block()
@@ -53,3 +79,6 @@ class CheckpointOp(_Op):
 
 REMAT_OPS: list[type[IRDLOperation]] = [CheckpointOp]
 """The recompute ops; `dialects/dialect.py` adds them to the dsv3 dialect."""
+
+REMAT_ATTRS: list[type[Attribute]] = [RematActionAttr]
+"""The recompute attributes."""

@@ -221,7 +221,7 @@ class _LayerEmitter(_Emitter):
         y = r.yarn
         return self.one(
             dsv3.RopeOp, [x, self.positions], x.type,
-            theta=float(r.theta), layout=r.layout,
+            theta=float(r.theta), layout=dsv3.RopeLayoutAttr(dsv3.RopeLayout(r.layout)),
             yarn_factor=None if y is None else float(y.factor),
             yarn_original_len=None if y is None else int(y.original_len),
             yarn_beta_fast=None if y is None else float(y.beta_fast),
@@ -262,8 +262,8 @@ class _LayerEmitter(_Emitter):
         router = self.op(
             dsv3.RouterOp, [x, p["router"], p["router_bias"]],
             [self.act(k, dtype=F32), self.act(k, dtype=I32), self.act(e, dtype=F32)],
-            score=m.score, top_k=k, groups=m.groups, keep_groups=m.keep_groups, scale=float(m.scale),
-            normalize=m.normalize,
+            score=dsv3.RouterScoreAttr(dsv3.RouterScore(m.score)), top_k=k, groups=m.groups,
+            keep_groups=m.keep_groups, scale=float(m.scale), normalize=m.normalize,
         )
         names = ("gate_w", "experts", "scores")
         weights, indices, scores = (_named(r, n) for r, n in zip(router.results, names, strict=True))

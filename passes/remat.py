@@ -42,7 +42,7 @@ from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..dialects import dsv3
-from ..dialects.remat import CheckpointOp
+from ..dialects.remat import CheckpointOp, RematAction, RematActionAttr
 from ..dialects.sharding import ShardOp
 from ..frontend.errors import UserError
 
@@ -68,10 +68,12 @@ class RematPass(ModulePass):
     recompute: tuple[str, ...] = ()
     keep: bool = False
 
-    def overrides(self) -> dict[str, str]:
+    def overrides(self) -> dict[str, RematAction]:
         """Value name -> action from the `save`, `offload` and `recompute` options."""
-        chosen: dict[str, str] = {}
-        for action, names in (("save", self.save), ("offload", self.offload), ("recompute", self.recompute)):
+        chosen: dict[str, RematAction] = {}
+        options = ((RematAction.SAVE, self.save), (RematAction.OFFLOAD, self.offload),
+                   (RematAction.RECOMPUTE, self.recompute))
+        for action, names in options:
             for name in names:
                 if chosen.get(name, action) != action:
                     raise UserError(f"dsv3-remat: '{name}' is listed under both {chosen[name]} and {action}")
@@ -98,7 +100,8 @@ class RematPass(ModulePass):
             recomputed = deepseek_recomputed(stack) if self.policy == "deepseek" else set()
             last_tag: dict[Operation, Operation] = {}  # the tags of an op's results follow it in result order
             for value, name in names.items():
-                default = "recompute" if self.policy == "full" or value in recomputed else "save"
+                recompute = self.policy == "full" or value in recomputed
+                default = RematAction.RECOMPUTE if recompute else RematAction.SAVE
                 owner = value.owner
                 assert isinstance(owner, Operation)
                 last_tag[owner] = _tag(value, name, overrides.get(name, default), last_tag.get(owner, owner))
@@ -194,12 +197,12 @@ def _defined_in(value: SSAValue, block: Block) -> bool:
     return isinstance(value.owner, Operation) and value.owner.parent_block() is block and source_param(value) is None
 
 
-def _tag(value: SSAValue, name: str, action: str, after: Operation) -> CheckpointOp:
+def _tag(value: SSAValue, name: str, action: RematAction, after: Operation) -> CheckpointOp:
     """Inserts `dsv3.checkpoint` on `value` after `after` and makes every use of the value read it."""
     uses = list(value.uses)
     tag = CheckpointOp.build(
         operands=[value], result_types=[value.type],
-        properties={"name": StringAttr(name), "action": StringAttr(action)},
+        properties={"name": StringAttr(name), "action": RematActionAttr(action)},
     )
     tag.result.name_hint = value.name_hint
     Rewriter.insert_op(tag, InsertPoint.after(after))

@@ -83,14 +83,14 @@ builtin.module {
       %qh = dsv3.split_heads %q {heads = 2 : i64} : (tensor<?x?x16xf32>) -> tensor<?x?x2x8xf32>
       %q_nope = dsv3.slice %qh {start = 0 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>
       %q_rot = dsv3.slice %qh {start = 4 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>
-      %q_pe = dsv3.rope %q_rot, %pos {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x2x4xf32>, tensor<?x?xi32>) -> tensor<?x?x2x4xf32>
+      %q_pe = dsv3.rope %q_rot, %pos {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x2x4xf32>, tensor<?x?xi32>) -> tensor<?x?x2x4xf32>
       %k_rot = dsv3.slice %xn {start = 0 : i64, size = 4 : i64} : (tensor<?x?x16xf32>) -> tensor<?x?x4xf32>
-      %k_pe = dsv3.rope %k_rot, %pos {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x4xf32>, tensor<?x?xi32>) -> tensor<?x?x4xf32>
+      %k_pe = dsv3.rope %k_rot, %pos {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x4xf32>, tensor<?x?xi32>) -> tensor<?x?x4xf32>
       %att = dsv3.attention %q_nope, %q_pe, %q_nope, %k_pe, %q_nope {scale = 5.000000e-01 : f64} : (tensor<?x?x2x4xf32>, tensor<?x?x2x4xf32>, tensor<?x?x2x4xf32>, tensor<?x?x4xf32>, tensor<?x?x2x4xf32>) -> tensor<?x?x2x4xf32>
       %merged = dsv3.merge_heads %att : (tensor<?x?x2x4xf32>) -> tensor<?x?x8xf32>
       %proj = dsv3.matmul %merged, %wo_l : (tensor<?x?x8xf32>, tensor<8x16xf32>) -> tensor<?x?x16xf32>
       %h1 = dsv3.add %hl, %proj : (tensor<?x?x16xf32>, tensor<?x?x16xf32>) -> tensor<?x?x16xf32>
-      %weights, %experts, %scores = dsv3.router %h1, %router_l, %bias_l {score = "sigmoid", top_k = 2 : i64, groups = 2 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %weights, %experts, %scores = dsv3.router %h1, %router_l, %bias_l {score = #dsv3<score sigmoid>, top_k = 2 : i64, groups = 2 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
       %routed = dsv3.experts %h1, %weights, %experts, %gate_l, %up_l, %down_l : (tensor<?x?x16xf32>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x8xf32>, tensor<4x16x8xf32>, tensor<4x8x16xf32>) -> tensor<?x?x16xf32>
       %balance = dsv3.balance_loss %scores, %experts {alpha = 1.000000e-04 : f64} : (tensor<?x?x4xf32>, tensor<?x?x2xi32>) -> tensor<f32>
       %layer_load = dsv3.expert_load %experts {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>

@@ -109,7 +109,7 @@ YARNS = {
 
 
 def _rope_props(layout: str, yarn: Yarn | None) -> str:
-    props = f'theta = 1.0e+04 : f64, layout = "{layout}"'
+    props = f'theta = 1.0e+04 : f64, layout = #dsv3<rope_layout {layout}>'
     if yarn is not None:
         props += (
             f", yarn_factor = {yarn.factor!r} : f64, yarn_original_len = {yarn.original_len} : i64, "
@@ -220,7 +220,7 @@ def test_router(name):
     routing = ref.route(x, w, bias, **cfg)
     assert routing.margin > 1e-4, "random routing inputs too close to a tie"
     props = (
-        f'score = "{cfg["score"]}", top_k = {k} : i64, groups = {cfg["groups"]} : i64, '
+        f'score = #dsv3<score {cfg["score"]}>, top_k = {k} : i64, groups = {cfg["groups"]} : i64, '
         f'keep_groups = {cfg["keep_groups"]} : i64, scale = {cfg["scale"]!r} : f64, '
         f'normalize = {str(cfg["normalize"]).lower()}'
     )
@@ -259,7 +259,7 @@ def test_router_softmax_groups_uses_group_max():
     fn = one_op(
         "router", [f"2x7x{dim}xf32", f"{dim}x{experts}xf32", f"{experts}xf32"],
         ["2x7x2xf32", "2x7x2xi32", f"2x7x{experts}xf32"],
-        'score = "softmax", top_k = 2 : i64, groups = 4 : i64, keep_groups = 2 : i64, scale = 1.0 : f64, '
+        'score = #dsv3<score softmax>, top_k = 2 : i64, groups = 4 : i64, keep_groups = 2 : i64, scale = 1.0 : f64, '
         "normalize = true",
     )
     weights, indices, _ = fn(f32(x), f32(w), f32(bias))

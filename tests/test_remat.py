@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dsv3c
-from dsv3c.dialects.remat import CheckpointOp
+from dsv3c.dialects.remat import CheckpointOp, RematAction
 from dsv3c.frontend.errors import UserError
 from dsv3c.passes.remat import RematPass
 from dsv3c.pipeline import pipeline_text, run_pipeline
@@ -103,7 +103,7 @@ def test_default_train_pipeline_is_deepseeks_and_keeps_a_policy_in_the_ir() -> N
     module = _module(MICRO, "dsv3-remat{policy=full}")
     run_pipeline(module, cpu.default_passes("train"))
     actions = {op.action.data for op in module.walk() if isinstance(op, CheckpointOp)}
-    assert actions == {"recompute"}
+    assert actions == {RematAction.RECOMPUTE}
 
 
 def _offloaded_residuals(pipeline: str) -> int:

@@ -21,7 +21,7 @@ def route(
     w: jax.Array,
     bias: jax.Array,
     *,
-    score: str,
+    score: dsv3.RouterScore,
     top_k: int,
     groups: int,
     keep_groups: int,
@@ -34,13 +34,13 @@ def route(
     The gate runs in float32 (V3 keeps it out of low precision). The bias only steers selection; the weights come
     from the unbiased scores. `logits_sharding` states the gate's output layout under explicit-axis sharding."""
     logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), out_sharding=logits_sharding)
-    scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    scores = jax.nn.sigmoid(logits) if score == dsv3.RouterScore.SIGMOID else jax.nn.softmax(logits, axis=-1)
     experts = scores.shape[-1]
     biased = scores + bias.astype(jnp.float32)
     if groups > 1:
         grouped = biased.reshape(*biased.shape[:-1], groups, experts // groups)
         best = lax.top_k(grouped, min(2, experts // groups))[0]
-        group_scores = jnp.sum(best, axis=-1) if score == "sigmoid" else best[..., 0]
+        group_scores = jnp.sum(best, axis=-1) if score == dsv3.RouterScore.SIGMOID else best[..., 0]
         kept = lax.top_k(group_scores, keep_groups)[1]
         group_mask = jnp.sum(jax.nn.one_hot(kept, groups, dtype=jnp.bool_), axis=-2) > 0
         expert_mask = jnp.repeat(group_mask, experts // groups, axis=-1)

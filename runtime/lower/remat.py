@@ -12,7 +12,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from xdsl.ir import Block
 
-from ...dialects.remat import CheckpointOp
+from ...dialects.remat import CheckpointOp, RematAction
 from .registry import register_lowering
 
 Policy = Callable[..., Any]
@@ -30,9 +30,9 @@ def _checkpoint(op: CheckpointOp, args, ctx):
     return [checkpoint_name(x, op.tag)]
 
 
-def layer_tags(block: Block) -> dict[str, list[str]]:
-    """The names a layer's tags give each action: {"save": [...], "offload": [...], "recompute": [...]}."""
-    tags: dict[str, list[str]] = {action: [] for action in CheckpointOp.ACTIONS}
+def layer_tags(block: Block) -> dict[RematAction, list[str]]:
+    """The names a layer's tags give each action: {save: [...], offload: [...], recompute: [...]}."""
+    tags: dict[RematAction, list[str]] = {action: [] for action in RematAction}
     for op in block.ops:
         if isinstance(op, CheckpointOp):
             tags[op.action.data].append(op.tag)
@@ -45,11 +45,11 @@ def remat_policy(block: Block) -> Policy:
     names", because JAX would otherwise keep the untagged value just before each recomputed one (the matmul
     output under its name), and nothing would be saved."""
     tags = layer_tags(block)
-    if tags["offload"]:
+    if tags[RematAction.OFFLOAD]:
         return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=tags["save"],
-            names_which_can_be_offloaded=tags["offload"],
+            names_which_can_be_saved=tags[RematAction.SAVE],
+            names_which_can_be_offloaded=tags[RematAction.OFFLOAD],
             offload_src="device",
             offload_dst="pinned_host",
         )
-    return jax.checkpoint_policies.save_only_these_names(*tags["save"])
+    return jax.checkpoint_policies.save_only_these_names(*tags[RematAction.SAVE])

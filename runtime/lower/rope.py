@@ -43,13 +43,15 @@ def rope_frequencies(
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, layout: str, scale: float = 1.0):
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, layout: dsv3.RopeLayout, scale: float = 1.0
+):
     """Rotates the last axis of x [B, S, ..., d] by positions [B, S]; cos/sin are multiplied by `scale`."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, S, d/2]
     angles = angles.reshape(*angles.shape[:2], *([1] * (x.ndim - 3)), angles.shape[-1])
     cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
     x32 = x.astype(jnp.float32)
-    if layout == "interleaved":
+    if layout == dsv3.RopeLayout.INTERLEAVED:
         even, odd = x32[..., 0::2], x32[..., 1::2]
         out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(x.shape)
     else:

@@ -51,11 +51,11 @@ builtin.module {
       %q = dsv3.split_heads %q_all {heads = 2 : i64} : (tensor<?x?x8xf32>) -> tensor<?x?x2x4xf32>
       %q_nope = dsv3.slice %q {start = 0 : i64, size = 2 : i64} : (tensor<?x?x2x4xf32>) -> tensor<?x?x2x2xf32>
       %q_rot = dsv3.slice %q {start = 2 : i64, size = 2 : i64} : (tensor<?x?x2x4xf32>) -> tensor<?x?x2x2xf32>
-      %q_pe = dsv3.rope %q_rot, %positions {theta = 1.000000e+04 : f64, layout = "interleaved"} : (tensor<?x?x2x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2x2xf32>
+      %q_pe = dsv3.rope %q_rot, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout interleaved>} : (tensor<?x?x2x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2x2xf32>
       %kv = dsv3.matmul %hin, %lwkv_a : (tensor<?x?x8xf32>, tensor<8x6xf32>) -> tensor<?x?x6xf32>
       %c_kv = dsv3.slice %kv {start = 0 : i64, size = 4 : i64} : (tensor<?x?x6xf32>) -> tensor<?x?x4xf32>
       %k_rot = dsv3.slice %kv {start = 4 : i64, size = 2 : i64} : (tensor<?x?x6xf32>) -> tensor<?x?x2xf32>
-      %k_pe = dsv3.rope %k_rot, %positions {theta = 1.000000e+04 : f64, layout = "interleaved"} : (tensor<?x?x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2xf32>
+      %k_pe = dsv3.rope %k_rot, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout interleaved>} : (tensor<?x?x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2xf32>
       %kv_up = dsv3.matmul %c_kv, %lwkv_b : (tensor<?x?x4xf32>, tensor<4x10xf32>) -> tensor<?x?x10xf32>
       %kv_heads = dsv3.split_heads %kv_up {heads = 2 : i64} : (tensor<?x?x10xf32>) -> tensor<?x?x2x5xf32>
       %k_nope = dsv3.slice %kv_heads {start = 0 : i64, size = 2 : i64} : (tensor<?x?x2x5xf32>) -> tensor<?x?x2x2xf32>

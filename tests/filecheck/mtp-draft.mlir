@@ -39,7 +39,7 @@ builtin.module {
     %down = dsv3.param {name = "moe.experts_down", axes = ["layers", "exp", "mlp", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<2x4x8x16xf32>
     %h, %aux, %load = dsv3.layer_stack %h0, %router, %bias, %gate, %up, %down {count = 2 : i64, kind = "moe"} : (tensor<?x?x16xf32>, tensor<2x16x4xf32>, tensor<2x4xf32>, tensor<2x4x16x8xf32>, tensor<2x4x16x8xf32>, tensor<2x4x8x16xf32>) -> (tensor<?x?x16xf32>, tensor<2xf32>, tensor<2x4xf32>) {
     ^bb0(%x: tensor<?x?x16xf32>, %rw: tensor<16x4xf32>, %rb: tensor<4xf32>, %wg: tensor<4x16x8xf32>, %wu: tensor<4x16x8xf32>, %wd: tensor<4x8x16xf32>):
-      %weights, %experts, %scores = dsv3.router %x, %rw, %rb {score = "sigmoid", top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %weights, %experts, %scores = dsv3.router %x, %rw, %rb {score = #dsv3<score sigmoid>, top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
       %routed = dsv3.experts %x, %weights, %experts, %wg, %wu, %wd : (tensor<?x?x16xf32>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x8xf32>, tensor<4x16x8xf32>, tensor<4x8x16xf32>) -> tensor<?x?x16xf32>
       %balance = dsv3.balance_loss %scores, %experts {alpha = 1.000000e-04 : f64} : (tensor<?x?x4xf32>, tensor<?x?x2xi32>) -> tensor<f32>
       %layer_load = dsv3.expert_load %experts {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>
@@ -66,7 +66,7 @@ builtin.module {
     %mtp_bias = dsv3.param {name = "mtp.0.block.router_bias", axes = ["layers", "exp"], init = "zeros", trainable = false} : tensor<1x4xf32>
     %mtp_h, %mtp_load = dsv3.layer_stack %mtp_h0, %mtp_router, %mtp_bias {count = 1 : i64, kind = "moe"} : (tensor<?x?x16xf32>, tensor<1x16x4xf32>, tensor<1x4xf32>) -> (tensor<?x?x16xf32>, tensor<1x4xf32>) {
     ^bb1(%mx: tensor<?x?x16xf32>, %mrw: tensor<16x4xf32>, %mrb: tensor<4xf32>):
-      %mw, %mi, %ms = dsv3.router %mx, %mrw, %mrb {score = "sigmoid", top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %mw, %mi, %ms = dsv3.router %mx, %mrw, %mrb {score = #dsv3<score sigmoid>, top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
       %mload = dsv3.expert_load %mi {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>
       dsv3.yield %mx, %mload : tensor<?x?x16xf32>, tensor<4xf32>
     }

@@ -15,39 +15,39 @@
 // CHECK:      dsv3.layer_stack
 // CHECK-SAME:   {count = 2 : i64, kind = "dense", remat = "deepseek"}
 // CHECK:        %[[X:.*]] = dsv3.rms_norm %h_in, %attn_norm
-// CHECK-NEXT:   %[[XT:.*]] = dsv3.checkpoint %[[X]] {name = "attn_norm", action = "recompute"}
+// CHECK-NEXT:   %[[XT:.*]] = dsv3.checkpoint %[[X]] {name = "attn_norm", action = #dsv3<action recompute>}
 // CHECK-NEXT:   %[[QA:.*]] = dsv3.matmul %[[XT]], %wq_a
-// CHECK-NEXT:   %[[QAT:.*]] = dsv3.checkpoint %[[QA]] {name = "wq_a", action = "save"}
+// CHECK-NEXT:   %[[QAT:.*]] = dsv3.checkpoint %[[QA]] {name = "wq_a", action = #dsv3<action save>}
 // CHECK-NEXT:   %[[CQ:.*]] = dsv3.rms_norm %[[QAT]], %q_norm
-// CHECK-NEXT:   %[[CQT:.*]] = dsv3.checkpoint %[[CQ]] {name = "c_q", action = "recompute"}
+// CHECK-NEXT:   %[[CQT:.*]] = dsv3.checkpoint %[[CQ]] {name = "c_q", action = #dsv3<action recompute>}
 // CHECK-NEXT:   %[[QB:.*]] = dsv3.matmul %[[CQT]], %wq_b
-// CHECK-NEXT:   dsv3.checkpoint %[[QB]] {name = "wq_b", action = "recompute"}
+// CHECK-NEXT:   dsv3.checkpoint %[[QB]] {name = "wq_b", action = #dsv3<action recompute>}
 // Reshapes are not tagged (free to recompute): the slices of the split heads read it directly.
 // CHECK-NEXT:   dsv3.split_heads
-// CHECK:        {name = "q_nope", action = "recompute"}
-// CHECK:        {name = "slice", action = "recompute"}
-// CHECK:        {name = "q_pe", action = "recompute"}
-// CHECK:        {name = "kv", action = "save"}
-// CHECK:        {name = "slice.2", action = "save"}
-// CHECK:        {name = "c_kv", action = "recompute"}
-// CHECK:        {name = "slice.3", action = "save"}
-// CHECK:        {name = "k_pe", action = "save"}
-// CHECK:        {name = "wkv_b", action = "recompute"}
-// CHECK:        {name = "k_nope", action = "recompute"}
-// CHECK:        {name = "v", action = "recompute"}
+// CHECK:        {name = "q_nope", action = #dsv3<action recompute>}
+// CHECK:        {name = "slice", action = #dsv3<action recompute>}
+// CHECK:        {name = "q_pe", action = #dsv3<action recompute>}
+// CHECK:        {name = "kv", action = #dsv3<action save>}
+// CHECK:        {name = "slice.2", action = #dsv3<action save>}
+// CHECK:        {name = "c_kv", action = #dsv3<action recompute>}
+// CHECK:        {name = "slice.3", action = #dsv3<action save>}
+// CHECK:        {name = "k_pe", action = #dsv3<action save>}
+// CHECK:        {name = "wkv_b", action = #dsv3<action recompute>}
+// CHECK:        {name = "k_nope", action = #dsv3<action recompute>}
+// CHECK:        {name = "v", action = #dsv3<action recompute>}
 // The attention core reads the saved k_pe too: its output is saved.
 // CHECK:        %[[O:.*]] = dsv3.attention
-// CHECK-NEXT:   dsv3.checkpoint %[[O]] {name = "attn", action = "save"}
+// CHECK-NEXT:   dsv3.checkpoint %[[O]] {name = "attn", action = #dsv3<action save>}
 // CHECK-NEXT:   dsv3.merge_heads
-// CHECK:        {name = "wo", action = "save"}
-// CHECK:        {name = "h", action = "save"}
-// CHECK:        {name = "ffn_norm", action = "recompute"}
-// CHECK:        {name = "ffn_gate", action = "save"}
-// CHECK:        {name = "ffn_up", action = "save"}
-// CHECK:        {name = "swiglu", action = "save"}
-// CHECK:        {name = "ffn_down", action = "save"}
+// CHECK:        {name = "wo", action = #dsv3<action save>}
+// CHECK:        {name = "h", action = #dsv3<action save>}
+// CHECK:        {name = "ffn_norm", action = #dsv3<action recompute>}
+// CHECK:        {name = "ffn_gate", action = #dsv3<action save>}
+// CHECK:        {name = "ffn_up", action = #dsv3<action save>}
+// CHECK:        {name = "swiglu", action = #dsv3<action save>}
+// CHECK:        {name = "ffn_down", action = #dsv3<action save>}
 // Names drop the printer's `_N` suffix (`%h_1` is `h`) and are unique within a layer: `%h_2` is `h.2`.
-// CHECK:        %[[OUT:.*]] = dsv3.checkpoint %{{.*}} {name = "h.2", action = "save"}
+// CHECK:        %[[OUT:.*]] = dsv3.checkpoint %{{.*}} {name = "h.2", action = #dsv3<action save>}
 // CHECK-NEXT:   dsv3.yield %[[OUT]]
 // Outside layer stacks nothing is tagged.
 // CHECK:      %[[F:.*]] = dsv3.rms_norm %h, %final_norm
@@ -55,19 +55,19 @@
 
 // `full` recomputes the whole layer; `save` keeps the named values (here only the latent KV and the rotated key).
 // FULL:       remat = "full"
-// FULL:       {name = "attn_norm", action = "recompute"}
-// FULL:       {name = "kv", action = "recompute"}
-// FULL:       {name = "c_kv", action = "save"}
-// FULL:       {name = "k_pe", action = "save"}
-// FULL:       {name = "attn", action = "recompute"}
-// FULL:       {name = "h.2", action = "recompute"}
-// FULL-SAVES-COUNT-2: action = "save"
-// FULL-SAVES-NOT:     action = "save"
+// FULL:       {name = "attn_norm", action = #dsv3<action recompute>}
+// FULL:       {name = "kv", action = #dsv3<action recompute>}
+// FULL:       {name = "c_kv", action = #dsv3<action save>}
+// FULL:       {name = "k_pe", action = #dsv3<action save>}
+// FULL:       {name = "attn", action = #dsv3<action recompute>}
+// FULL:       {name = "h.2", action = #dsv3<action recompute>}
+// FULL-SAVES-COUNT-2: action = #dsv3<action save>
+// FULL-SAVES-NOT:     action = #dsv3<action save>
 
 // `offload` moves the named values to host memory instead of recomputing or keeping them on the device.
-// OFFLOAD:    {name = "attn", action = "offload"}
-// OFFLOAD:    {name = "h", action = "offload"}
-// OFFLOAD:    {name = "h.2", action = "save"}
+// OFFLOAD:    {name = "attn", action = #dsv3<action offload>}
+// OFFLOAD:    {name = "h", action = #dsv3<action offload>}
+// OFFLOAD:    {name = "h.2", action = #dsv3<action save>}
 
 // `none` states that backward keeps everything: no tags.
 // NONE:       remat = "none"
@@ -76,7 +76,7 @@
 // Running the pass again replaces the policy (the second RUN line gives the first one's output) unless `keep=true`,
 // which honours a policy already in the IR (a hand-edited file compiled with the default train pipeline).
 // FULL-KEPT:  remat = "full"
-// FULL-KEPT-NOT: action = "save"
+// FULL-KEPT-NOT: action = #dsv3<action save>
 
 builtin.module {
   func.func @model(%tokens: tensor<?x?xi32>) {
@@ -105,12 +105,12 @@ builtin.module {
       %q = dsv3.split_heads %2 {heads = 2 : i64} : (tensor<?x?x12xf32>) -> tensor<?x?x2x6xf32>
       %q_nope = dsv3.slice %q {start = 0 : i64, size = 4 : i64} : (tensor<?x?x2x6xf32>) -> tensor<?x?x2x4xf32>
       %3 = dsv3.slice %q {start = 4 : i64, size = 2 : i64} : (tensor<?x?x2x6xf32>) -> tensor<?x?x2x2xf32>
-      %q_pe = dsv3.rope %3, %positions {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x2x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2x2xf32>
+      %q_pe = dsv3.rope %3, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x2x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2x2xf32>
       %kv = dsv3.matmul %0, %wkv_a : (tensor<?x?x16xf32>, tensor<16x10xf32>) -> tensor<?x?x10xf32>
       %4 = dsv3.slice %kv {start = 0 : i64, size = 8 : i64} : (tensor<?x?x10xf32>) -> tensor<?x?x8xf32>
       %c_kv = dsv3.rms_norm %4, %kv_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x8xf32>, tensor<8xf32>) -> tensor<?x?x8xf32>
       %5 = dsv3.slice %kv {start = 8 : i64, size = 2 : i64} : (tensor<?x?x10xf32>) -> tensor<?x?x2xf32>
-      %k_pe = dsv3.rope %5, %positions {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2xf32>
+      %k_pe = dsv3.rope %5, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x2xf32>, tensor<?x?xi32>) -> tensor<?x?x2xf32>
       %6 = dsv3.matmul %c_kv, %wkv_b : (tensor<?x?x8xf32>, tensor<8x16xf32>) -> tensor<?x?x16xf32>
       %kv_up = dsv3.split_heads %6 {heads = 2 : i64} : (tensor<?x?x16xf32>) -> tensor<?x?x2x8xf32>
       %k_nope = dsv3.slice %kv_up {start = 0 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>

@@ -58,12 +58,12 @@ builtin.module {
       %q = dsv3.split_heads %4 {heads = 2 : i64} : (tensor<?x?x16xf32>) -> tensor<?x?x2x8xf32>
       %q_nope = dsv3.slice %q {start = 0 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>
       %5 = dsv3.slice %q {start = 4 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>
-      %q_pe = dsv3.rope %5, %positions {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x2x4xf32>, tensor<?x?xi32>) -> tensor<?x?x2x4xf32>
+      %q_pe = dsv3.rope %5, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x2x4xf32>, tensor<?x?xi32>) -> tensor<?x?x2x4xf32>
       %kv = dsv3.matmul %2, %wkv_a : (tensor<?x?x16xf32>, tensor<16x12xf32>) -> tensor<?x?x12xf32>
       %6 = dsv3.slice %kv {start = 0 : i64, size = 8 : i64} : (tensor<?x?x12xf32>) -> tensor<?x?x8xf32>
       %c_kv = dsv3.rms_norm %6, %kv_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x8xf32>, tensor<8xf32>) -> tensor<?x?x8xf32>
       %7 = dsv3.slice %kv {start = 8 : i64, size = 4 : i64} : (tensor<?x?x12xf32>) -> tensor<?x?x4xf32>
-      %k_pe = dsv3.rope %7, %positions {theta = 1.000000e+04 : f64, layout = "half"} : (tensor<?x?x4xf32>, tensor<?x?xi32>) -> tensor<?x?x4xf32>
+      %k_pe = dsv3.rope %7, %positions {theta = 1.000000e+04 : f64, layout = #dsv3<rope_layout half>} : (tensor<?x?x4xf32>, tensor<?x?xi32>) -> tensor<?x?x4xf32>
       %8 = dsv3.matmul %c_kv, %wkv_b : (tensor<?x?x8xf32>, tensor<8x16xf32>) -> tensor<?x?x16xf32>
       %9 = dsv3.split_heads %8 {heads = 2 : i64} : (tensor<?x?x16xf32>) -> tensor<?x?x2x8xf32>
       %k_nope = dsv3.slice %9 {start = 0 : i64, size = 4 : i64} : (tensor<?x?x2x8xf32>) -> tensor<?x?x2x4xf32>
@@ -73,7 +73,7 @@ builtin.module {
       %11 = dsv3.matmul %10, %wo : (tensor<?x?x8xf32>, tensor<8x16xf32>) -> tensor<?x?x16xf32>
       %h_2 = dsv3.add %h_1, %11 : (tensor<?x?x16xf32>, tensor<?x?x16xf32>) -> tensor<?x?x16xf32>
       %12 = dsv3.rms_norm %h_2, %ffn_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x16xf32>, tensor<16xf32>) -> tensor<?x?x16xf32>
-      %gate_w, %experts, %scores = dsv3.router %12, %router, %router_bias {score = "sigmoid", top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
+      %gate_w, %experts, %scores = dsv3.router %12, %router, %router_bias {score = #dsv3<score sigmoid>, top_k = 2 : i64, groups = 1 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<?x?x4xf32>)
       %13 = dsv3.experts %12, %gate_w, %experts, %experts_gate, %experts_up, %experts_down : (tensor<?x?x16xf32>, tensor<?x?x2xf32>, tensor<?x?x2xi32>, tensor<4x16x8xf32>, tensor<4x16x8xf32>, tensor<4x8x16xf32>) -> tensor<?x?x16xf32>
       %14 = dsv3.balance_loss %scores, %experts {alpha = 0.000000e+00 : f64} : (tensor<?x?x4xf32>, tensor<?x?x2xi32>) -> tensor<f32>
       %15 = dsv3.expert_load %experts {experts = 4 : i64} : (tensor<?x?x2xi32>) -> tensor<4xf32>
