@@ -1,5 +1,6 @@
 """Rules about a whole dsv3 module, beyond what any one op can verify: one optimizer, `@model`'s tokens, parameter
-names that identify one array, bias updates that name a router bias of the right shape, sizes within bounds.
+names that identify one array, one output of each unique role (`logits`, `loss`, `hidden`) per function, bias
+updates that name a router bias of the right shape, sizes within bounds.
 
 `verify_ir` runs them after the per-op verifiers, so a hand-edited file that breaks one is refused at the op to
 blame instead of failing inside the lowering (a `KeyError` for a misspelt bias) or training to NaN (two parameters
@@ -21,6 +22,7 @@ from . import dsv3
 def module_problems(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
     """Each broken rule as (the op to blame, a message); the caller reports the first."""
     yield from _optimizer_and_model(module)
+    yield from _unique_roles(module)
     params = yield from _params(module)
     yield from _bias_updates(module, params)
 
@@ -37,6 +39,18 @@ def _optimizer_and_model(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
     args = models[0].body.block.args if models[0].body.blocks else ()
     if not args or not isinstance(args[0].type, TensorType) or len(dsv3.shape_of(args[0])) != 2:
         yield models[0], "@model's first argument must be the tokens, a tensor<?x?xi32>"
+
+
+def _unique_roles(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
+    """A consumer asks a function for "the" logits (decoding) or "the" loss: a second one would be ignored."""
+    for func in (op for op in module.ops if isinstance(op, FuncOp) and op.body.blocks):
+        first: dict[dsv3.OutputRole, dsv3.OutputOp] = {}
+        for op in func.body.block.ops:
+            if isinstance(op, dsv3.OutputOp) and op.output_role in dsv3.UNIQUE_ROLES:
+                earlier = first.setdefault(op.output_role, op)
+                if earlier is not op:
+                    yield op, (f"'{op.output_name.data}' is a second {op.output_role} output of "
+                               f"@{func.sym_name.data} (the first is '{earlier.output_name.data}')")
 
 
 def _params(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
@@ -78,6 +92,12 @@ def _bias_updates(module: ModuleOp, params: dict[str, dsv3.ParamOp]) -> Iterator
         elif dsv3.shape_of(target.result) != dsv3.shape_of(op.load):
             load, bias = dsv3.shape_of(op.load), dsv3.shape_of(target.result)
             yield op, f"load of shape {_fmt(load)} does not match '{op.param.data}' of shape {_fmt(bias)}"
+        elif not (isinstance(op.load.owner, dsv3.LayerStackOp) and any(
+            isinstance(v.owner, dsv3.ParamOp) and v.owner.pname == op.param.data for v in op.load.owner.operands
+        )):
+            # The load must be the one the biased router produced: which module (main or MTP) a bias update
+            # belongs to is read off the stack (`dialects/mtp.py`), and a mismatch would steer the wrong router.
+            yield op, f"updates '{op.param.data}', which the layer stack that computes the load does not read"
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -6,8 +6,9 @@ The IR has three kinds of op:
   (MLA absorption) or quantise them (FP8); attention, routing and experts are ops of their own because their
   lowering is a unit (softmax in FP32, group-limited top-k, dropless grouped GEMMs);
 - structure and effects: `dsv3.layer_stack` holds one layer in a region and a count (it lowers to `lax.scan`, so
-  compile time does not grow with depth), `dsv3.output` names what the program returns and which values are weighted
-  loss terms, `dsv3.bias_update` states the auxiliary-loss-free router-bias rule applied outside the gradient.
+  compile time does not grow with depth), `dsv3.output` names what the program returns and its role (which values
+  are weighted loss terms, which are the logits), `dsv3.bias_update` states the auxiliary-loss-free router-bias
+  rule applied outside the gradient.
 
 Activations are `tensor<?x?x...>`: batch and sequence are chosen when compiling, every other dimension is static so
 that verifiers can check shapes when the IR is built, parsed or edited by hand.
@@ -113,6 +114,38 @@ class RopeLayoutAttr(EnumAttribute[RopeLayout], SpacedOpaqueSyntaxAttribute):
     """`#dsv3<rope_layout half>`."""
 
     name = "dsv3.rope_layout"
+
+
+class OutputRole(StrEnum):
+    """What a `dsv3.output` is for. Passes and the runtime find outputs by role, so renaming one changes only how
+    reports call it."""
+
+    LOSS = auto()
+    """The language-model loss, a weighted scalar term of the training loss; one per function."""
+    MTP_LOSS = auto()
+    """A multi-token-prediction module's loss, a weighted scalar term; one per MTP depth. What only these need is
+    the MTP part of a function (`dialects/mtp.py`)."""
+    AUX_LOSS = auto()
+    """An auxiliary weighted scalar term, such as the sequence-wise balance loss."""
+    METRIC = auto()
+    """Reported only, never part of the loss (the expert load)."""
+    LOGITS = auto()
+    """The next-token logits of the function's model: what inference returns; one per function."""
+    HIDDEN = auto()
+    """The final hidden state, which the MTP draft model reads; one per function."""
+
+
+LOSS_ROLES = (OutputRole.LOSS, OutputRole.MTP_LOSS, OutputRole.AUX_LOSS)
+"""Roles whose outputs are weighted terms of the training loss."""
+UNIQUE_ROLES = (OutputRole.LOSS, OutputRole.LOGITS, OutputRole.HIDDEN)
+"""Roles a function has at most one output of, so that a consumer can ask for "the" logits."""
+
+
+@irdl_attr_definition
+class OutputRoleAttr(EnumAttribute[OutputRole], SpacedOpaqueSyntaxAttribute):
+    """`#dsv3<role logits>`."""
+
+    name = "dsv3.role"
 
 
 class _Op(IRDLOperation):
@@ -332,19 +365,35 @@ class LayerStackOp(_Op):
 
 @irdl_op_definition
 class OutputOp(_Op):
-    """Names a program output. With `weight`, the value is a scalar loss term: the training loss is the sum of
-    weight * value over all weighted outputs; the metric of a name is the mean of its outputs."""
+    """Names a program output and says what it is for (`role`): passes and the runtime select outputs by role, the
+    name is what reports call it. Loss roles carry a `weight`: the training loss is the sum of weight * value over
+    them; the metric of a name is the mean of its outputs."""
 
     name = "dsv3.output"
     value = operand_def(TensorType)
     output_name = prop_def(StringAttr, prop_name="name")
+    role = prop_def(OutputRoleAttr)
     weight = opt_prop_def(FloatAttr)
     assembly_format = "operands attr-dict `:` type(operands)"
 
+    def __init__(self, value: SSAValue, name: str, role: OutputRole, weight: float | None = None):
+        properties: dict[str, Attribute] = {"name": StringAttr(name), "role": OutputRoleAttr(role)}
+        if weight is not None:
+            properties["weight"] = FloatAttr(weight, 64)
+        super().__init__(operands=[value], properties=properties)
+
+    @property
+    def output_role(self) -> OutputRole:
+        return self.role.data
+
     def verify_(self) -> None:
-        if self.weight is not None:
-            self.expect(shape_of(self.value) == (), f"loss term '{self.output_name.data}' must be a scalar")
+        name, role = self.output_name.data, self.output_role
+        if role in LOSS_ROLES:
+            self.expect(self.weight is not None, f"'{name}': a {role} output is a loss term and needs a weight")
+            self.expect(shape_of(self.value) == (), f"loss term '{name}' must be a scalar")
             self.expect_range("weight", 0)
+        else:
+            self.expect(self.weight is None, f"'{name}': only loss roles take a weight, not {role}")
 
 
 @irdl_op_definition
@@ -799,7 +848,7 @@ CORE_OPS: list[type[IRDLOperation]] = [
 ]
 """The model-level ops; `dialects/dialect.py` assembles them with the ops of the other dialect modules."""
 
-CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr]
+CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr, OutputRoleAttr]
 """The choice attributes of the model-level ops."""
 
 

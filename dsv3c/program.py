@@ -19,6 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 from xdsl.dialects.builtin import ModuleOp
 
+from .dialects import dsv3
+from .dialects.dsv3 import OutputRole
 from .dialects.text import parse_ir_with_positions, print_ir, verify_ir
 from .fp8 import check_fp8_option, fp8_mode, fp8_report
 from .frontend.builder import build_ir
@@ -88,12 +90,20 @@ def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
     def locate(err: Exception) -> Exception:
         logical = getattr(err, "logical", None)
         field = _SPEC_FIELD.get(logical or "")
-        if logical == "mlp" and getattr(err, "op", None) is not None:
-            field = "model.dense_ffn.hidden" if err.op.pname.startswith("dense.") else "model.moe.hidden"
+        if logical == "mlp" and isinstance(getattr(err, "op", None), dsv3.ParamOp):
+            field = "model.dense_ffn.hidden" if _feeds_dense_stack(err.op) else "model.moe.hidden"
         line, col = spec.positions.get(field or "", (0, 0))
         return SpecError(str(err), spec.path, line, col) if line else UserError(str(err))
 
     return build_ir(spec), locate
+
+
+def _feeds_dense_stack(param: dsv3.ParamOp) -> bool:
+    """Whether a parameter is a weight of a dense layer stack (its `mlp` width is the dense FFN's)."""
+    return any(
+        isinstance(use.operation, dsv3.LayerStackOp) and use.operation.layer_kind.data == "dense"
+        for use in param.result.uses
+    )
 
 
 def _check_options(mode: str, batch: int, seq: int, shard_mode: str) -> None:
@@ -165,7 +175,7 @@ class Program:
 
     def _logits(self, params: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
         padded = jnp.pad(tokens, ((0, 0), (0, 1)))  # the model reads [B, S+1]: inputs plus one label column
-        return run_model(self.module, params, padded, self.mesh, self.explicit).metrics["logits"]
+        return run_model(self.module, params, padded, self.mesh, self.explicit).of_role(OutputRole.LOGITS)
 
     # -- abstract shapes -----------------------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ import re
 from typing import Any
 
 from xdsl.dialects.builtin import ModuleOp
+from xdsl.dialects.func import FuncOp
 
 from .dialects import dsv3
+from .dialects.mtp import mtp_ops
 from .dialects.sharding import MeshOp
 from .targets import Chip, Target
 
@@ -29,8 +31,10 @@ def _routed_fraction(stack: dsv3.LayerStackOp) -> float:
 
 
 def count_params(module: ModuleOp) -> dict[str, int]:
-    """Total and per-token-active parameter counts, the MTP modules apart. Routed expert weights (axes `exp` and
-    `mlp`) count top_k/experts towards the active figure; everything else counts fully."""
+    """Total and per-token-active parameter counts, the MTP modules apart: what only a function's MTP losses need
+    (`dialects/mtp.py`), and what only a function other than `@model` declares (the draft `@mtp` outlined from
+    them). Routed expert weights (axes `exp` and `mlp`) count top_k/experts towards the active figure; everything
+    else counts fully."""
     fraction: dict[str, float] = {}
     for op in module.walk():
         if isinstance(op, dsv3.LayerStackOp):
@@ -38,6 +42,9 @@ def count_params(module: ModuleOp) -> dict[str, int]:
                 if isinstance(operand.owner, dsv3.ParamOp):
                     fraction[operand.owner.pname] = _routed_fraction(op)
     counts = {"total": 0, "active": 0, "mtp_total": 0, "mtp_active": 0}
+    funcs = [f for f in module.ops if isinstance(f, FuncOp) and f.body.blocks]
+    model = next((f for f in funcs if f.sym_name.data == "model"), None)
+    mtp = {op for f in funcs for op in mtp_ops(f.body.block) if isinstance(op, dsv3.ParamOp)}
     seen: set[str] = set()
     for op in dsv3.walk_params(module):
         if op.pname in seen:  # a parameter shared by two functions (`@model` and the MTP draft `@mtp`) counts once
@@ -46,7 +53,7 @@ def count_params(module: ModuleOp) -> dict[str, int]:
         size = math.prod(dsv3.shape_of(op.result))
         routed = "exp" in op.axis_names and "mlp" in op.axis_names
         active = size * fraction.get(op.pname, 1.0) if routed else size
-        prefix = "mtp_" if op.pname.startswith("mtp.") else ""
+        prefix = "mtp_" if op in mtp or (model is not None and not model.is_ancestor(op)) else ""
         counts[f"{prefix}total"] += size
         counts[f"{prefix}active"] += round(active)
     return counts

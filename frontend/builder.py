@@ -320,8 +320,10 @@ def _emit_moe_outputs(em: _Emitter, balance: SSAValue, load: SSAValue, bias_para
     m = em.spec.moe
     assert m is not None
     total = em.one(dsv3.SumOp, [balance], TensorType(F32, []))
-    em.op(dsv3.OutputOp, [total], [], name=f"{prefix}balance_loss", weight=1.0)
-    em.op(dsv3.OutputOp, [load], [], name=f"{prefix}expert_load")
+    em.block.add_ops([
+        dsv3.OutputOp(total, f"{prefix}balance_loss", dsv3.OutputRole.AUX_LOSS, 1.0),
+        dsv3.OutputOp(load, f"{prefix}expert_load", dsv3.OutputRole.METRIC),
+    ])
     if m.router_bias and m.bias_rate:
         em.op(dsv3.BiasUpdateOp, [load], [], param=bias_param, rate=float(m.bias_rate))
 
@@ -368,10 +370,10 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     else:
         head = em.param(ParamDecl("head", (spec.dim, spec.vocab), ("embed", "vocab"), std=std))
     logits = em.matmul(em.rms_norm(h, final_norm), head, dtype=F32)
-    em.op(dsv3.OutputOp, [_named(logits, "logits")], [], name="logits")
+    em.block.add_op(dsv3.OutputOp(_named(logits, "logits"), "logits", dsv3.OutputRole.LOGITS))
     labels, label_mask = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=1).results
     lm_loss = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
-    em.op(dsv3.OutputOp, [lm_loss], [], name="lm_loss", weight=1.0)
+    em.block.add_op(dsv3.OutputOp(lm_loss, "lm_loss", dsv3.OutputRole.LOSS, 1.0))
 
     _emit_mtp(em, h, table, head, positions)
     block.add_op(ReturnOp())
@@ -406,6 +408,6 @@ def _emit_mtp(em: _Emitter, h: SSAValue, table: SSAValue, head: SSAValue, positi
             dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=k + 1
         ).results
         ce = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
-        em.op(dsv3.OutputOp, [ce], [], name="mtp_loss", weight=spec.mtp.weight / depth)
+        em.block.add_op(dsv3.OutputOp(ce, "mtp_loss", dsv3.OutputRole.MTP_LOSS, spec.mtp.weight / depth))
         if kind == "moe":
             _emit_moe_outputs(em, outs[1], outs[2], f"{prefix}block.router_bias", "mtp_")

@@ -1,8 +1,9 @@
 """`dsv3-drop-mtp`: removes the multi-token-prediction modules, for inference.
 
 MTP only adds training signal (or a draft for speculative decoding); a forward or serving program does not need it.
-The pass erases the MTP outputs and bias updates; dead-code elimination then removes the ops, layer stacks and
-parameters that only fed them."""
+The pass erases the outputs and bias updates that belong to MTP (by the IR's structure, `dialects/mtp.py`: what the
+`mtp_loss` outputs need beyond the logits); dead-code elimination then removes the ops, layer stacks and parameters
+that only fed them."""
 
 from __future__ import annotations
 
@@ -10,31 +11,12 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
+from xdsl.dialects.func import FuncOp
 from xdsl.passes import ModulePass
-from xdsl.pattern_rewriter import (
-    GreedyRewritePatternApplier,
-    PatternRewriter,
-    PatternRewriteWalker,
-    RewritePattern,
-    op_type_rewrite_pattern,
-)
+from xdsl.rewriter import Rewriter
 
-from ..dialects import dsv3
+from ..dialects.mtp import mtp_sinks
 from .dce import DeadCodeElimination
-
-
-class EraseMTPOutput(RewritePattern):
-    @op_type_rewrite_pattern
-    def match_and_rewrite(self, op: dsv3.OutputOp, rewriter: PatternRewriter) -> None:
-        if op.output_name.data.startswith("mtp_"):
-            rewriter.erase(op)
-
-
-class EraseMTPBiasUpdate(RewritePattern):
-    @op_type_rewrite_pattern
-    def match_and_rewrite(self, op: dsv3.BiasUpdateOp, rewriter: PatternRewriter) -> None:
-        if op.param.data.startswith("mtp."):
-            rewriter.erase(op)
 
 
 @dataclass(frozen=True)
@@ -42,5 +24,8 @@ class DropMTP(ModulePass):
     name = "dsv3-drop-mtp"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        PatternRewriteWalker(GreedyRewritePatternApplier([EraseMTPOutput(), EraseMTPBiasUpdate()])).rewrite_module(op)
+        # Not a rewrite pattern: whether a sink is MTP's depends on the whole function, not on the op alone.
+        for func in [f for f in op.ops if isinstance(f, FuncOp) and f.body.blocks]:
+            for sink in mtp_sinks(func.body.block):
+                Rewriter.erase_op(sink)
         DeadCodeElimination().apply(ctx, op)

@@ -149,10 +149,11 @@ class KVCache(ModulePass):
         if len(block.args) != 1:
             raise UserError("dsv3-kv-cache: @model must take only the token batch (has the pass run already?)")
         tokens = block.args[0]
+        inference = (dsv3.OutputRole.LOGITS, dsv3.OutputRole.HIDDEN)
         for inner in list(block.ops):
             if isinstance(inner, dsv3.TokenWindowOp) and inner.int_prop("offset") == 0:
                 inner.ids.replace_all_uses_with(tokens)
-            elif isinstance(inner, dsv3.OutputOp) and inner.output_name.data not in ("logits", "hidden"):
+            elif isinstance(inner, dsv3.OutputOp) and inner.output_role not in inference:
                 Rewriter.erase_op(inner)
             elif isinstance(inner, dsv3.BiasUpdateOp):
                 Rewriter.erase_op(inner)

@@ -4,8 +4,8 @@ In training IR the MTP module is part of `@model`: it reads the main model's las
 embedding of the next token (a token window at offset 1) and only feeds a loss. For speculative decoding
 (REFERENCE.md section 4) it must run on tokens the main model has just chosen, so this pass outlines it:
 
-    func.func @model(%tokens)                  ... dsv3.output %h {name = "hidden"}   (the main model, plus h)
-    func.func @mtp(%hidden, %next_tokens)      ... dsv3.output %logits {name = "logits"}
+    func.func @model(%tokens)              ... dsv3.output %h {name = "hidden", role = #dsv3<role hidden>}
+    func.func @mtp(%hidden, %next_tokens)  ... dsv3.output %logits {name = "logits", role = #dsv3<role logits>}
 
 `@mtp` is exactly the MTP ops of `@model` (its layer stack, norms, `eh_proj`, the shared embedding and head
 re-declared by name), with `h` read from `%hidden` and the offset-1 token window from `%next_tokens`; position i
@@ -18,42 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import IntegerType, ModuleOp, StringAttr, TensorType
+from xdsl.dialects.builtin import IntegerType, ModuleOp, TensorType
 from xdsl.dialects.func import FuncOp, ReturnOp
 from xdsl.ir import Block, Operation, OpResult, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..dialects import dsv3
+from ..dialects.dsv3 import OutputRole
+from ..dialects.mtp import backward_slice, main_values, mtp_sinks, outputs
 from ..frontend.errors import UserError
 from .dce import DeadCodeElimination
 
 
 def _func(module: ModuleOp, name: str) -> FuncOp | None:
     return next((op for op in module.ops if isinstance(op, FuncOp) and op.sym_name.data == name), None)
-
-
-def _output(block: Block, name: str) -> list[dsv3.OutputOp]:
-    return [op for op in block.ops if isinstance(op, dsv3.OutputOp) and op.output_name.data == name]
-
-
-def _slice(root: SSAValue, stop: set[SSAValue]) -> set[Operation]:
-    """The top-level ops `root` depends on (through nested regions too), not looking past `stop`."""
-    seen: set[Operation] = set()
-    work = [root]
-    while work:
-        value = work.pop()
-        if value in stop or not isinstance(value, OpResult):
-            continue
-        op = value.owner
-        while op.parent_op() is not None and not isinstance(op.parent_op(), FuncOp):
-            op = op.parent_op()  # a value defined inside a region belongs to its top-level op
-        if op in seen:
-            continue
-        seen.add(op)
-        for inner in op.walk():
-            work.extend(v for v in inner.operands if not (isinstance(v, OpResult) and op.is_ancestor(v.owner)))
-    return seen
 
 
 @dataclass(frozen=True)
@@ -67,21 +46,20 @@ class MTPDraft(ModulePass):
         if model is None or _func(op, "mtp") is not None:
             raise UserError("dsv3-mtp-draft: needs a module with @model and no @mtp yet")
         block = model.body.block
-        losses, logits = _output(block, "mtp_loss"), _output(block, "logits")
+        losses, logits = outputs(block, OutputRole.MTP_LOSS), outputs(block, OutputRole.LOGITS)
         if len(losses) != 1 or len(logits) != 1:
             raise UserError(f"dsv3-mtp-draft: needs one main model and one MTP module, found {len(losses)} MTP")
         ce = losses[0].value.owner
         assert isinstance(ce, dsv3.CrossEntropyOp)
-        main = _slice(logits[0].value, set())
-        main_values = {r for o in main for r in o.results} | set(block.args)
-        mtp_ops = _slice(ce.logits, main_values)
+        main = main_values(block)
+        mtp_ops = backward_slice([ce.logits], main)
 
         hidden_type = None
         boundary: dict[SSAValue, str] = {}
         for inner in [o for o in block.ops if o in mtp_ops]:  # program order, so the output is deterministic
             for nested in inner.walk():
                 for value in nested.operands:
-                    if value in main_values:
+                    if value in main:
                         boundary[value] = type(value.owner).__name__ if isinstance(value, OpResult) else "arg"
         mtp_block = Block(arg_types=[TensorType(IntegerType(32), [dsv3.DYN, dsv3.DYN])])
         mapping: dict[SSAValue, SSAValue] = {}
@@ -123,16 +101,13 @@ class MTPDraft(ModulePass):
                 continue
             body.append(inner.clone(mapping))
         draft_logits = mapping[ce.logits]
-        body += [dsv3.OutputOp.build(operands=[draft_logits], properties={"name": StringAttr("logits")}), ReturnOp()]
+        body += [dsv3.OutputOp(draft_logits, "logits", OutputRole.LOGITS), ReturnOp()]
         mtp_block.add_ops(body)
         Rewriter.insert_op(FuncOp.from_region("mtp", [a.type for a in mtp_block.args], [], Region(mtp_block)),
                            InsertPoint.after(model))
 
-        for inner in list(block.ops):  # the main model keeps everything but MTP's sinks, and reports h
-            if isinstance(inner, dsv3.OutputOp) and inner.output_name.data.startswith("mtp_"):
-                Rewriter.erase_op(inner)
-            elif isinstance(inner, dsv3.BiasUpdateOp) and inner.param.data.startswith("mtp."):
-                Rewriter.erase_op(inner)
-        output = dsv3.OutputOp.build(operands=[hidden], properties={"name": StringAttr("hidden")})
+        for sink in mtp_sinks(block):  # the main model keeps everything but MTP's sinks, and reports h
+            Rewriter.erase_op(sink)
+        output = dsv3.OutputOp(hidden, "hidden", OutputRole.HIDDEN)
         Rewriter.insert_op(output, InsertPoint.after(logits[0]))
         DeadCodeElimination().apply(ctx, op)

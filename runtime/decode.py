@@ -24,6 +24,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.dialects.func import FuncOp
 
 from ..dialects.cache import BATCH_AXIS, SEQ_AXIS, cache_decls
+from ..dialects.dsv3 import UNIQUE_ROLES, OutputRole
 from ..frontend.errors import UserError
 from .lower import LoweringContext, lower_block
 from .lower.dtypes import result_dtype
@@ -92,8 +93,9 @@ def run_function(
     args: Sequence[jax.Array],
     mesh: jax.sharding.Mesh | None = None,
     explicit: bool = False,
-) -> tuple[dict[str, jax.Array], Caches]:
-    """Traces function `name` of a cached module on `args`: its named outputs and the caches after it."""
+) -> tuple[dict[OutputRole, jax.Array], Caches]:
+    """Traces function `name` of a cached module on `args`: its outputs of the unique roles (logits, hidden state),
+    by role, and the caches after it."""
     func = function(module, name)
     assert func is not None, name
     block = func.body.block
@@ -103,7 +105,7 @@ def run_function(
     for arg, value in zip(block.args, args, strict=True):
         ctx.env[arg] = value
     lower_block(block, ctx)
-    return {out: value for out, value, _ in ctx.outputs}, {**caches, **ctx.cache_stores}
+    return {out.role: out.value for out in ctx.outputs if out.role in UNIQUE_ROLES}, {**caches, **ctx.cache_stores}
 
 
 def run_step(
@@ -121,7 +123,7 @@ def run_step(
         raise UserError("this IR has no KV cache: run the dsv3-kv-cache pass (decode and prefill modes do)")
     args = (tokens, positions, jnp.asarray(slot, jnp.int32))
     outputs, caches = run_function(module, "model", params, caches, args, mesh, explicit)
-    return outputs["logits"].astype(jnp.float32), caches
+    return outputs[OutputRole.LOGITS].astype(jnp.float32), caches
 
 
 def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -180,13 +182,13 @@ class Decoder:
         """`@model` on S tokens: (logits [B,S,V] f32, last hidden states [B,S,D] or None, caches) (traceable)."""
         outputs, caches = run_function(self.module, "model", params, caches, (tokens, positions, slot), self.mesh,
                                        self.explicit)
-        return outputs["logits"].astype(jnp.float32), outputs.get("hidden"), caches
+        return outputs[OutputRole.LOGITS].astype(jnp.float32), outputs.get(OutputRole.HIDDEN), caches
 
     def draft_step(self, params, caches, hidden, next_tokens, positions, slot):
         """`@mtp`: logits [B,S,V] of the token after `next_tokens`, and the caches (traceable)."""
         outputs, caches = run_function(self.module, "mtp", params, caches, (hidden, next_tokens, positions, slot),
                                        self.mesh, self.explicit)
-        return outputs["logits"].astype(jnp.float32), caches
+        return outputs[OutputRole.LOGITS].astype(jnp.float32), caches
 
     def _step_fn(self, params, caches, tokens, positions, slot):
         return run_step(self.module, params, caches, tokens, positions, slot, self.mesh, self.explicit)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from xdsl.dialects.builtin import ModuleOp
 
+from ..dialects.dsv3 import OutputRole
 from .model import ModelOutputs, ParamInfo, run_model
 
 TrainState = dict[str, Any]
@@ -73,7 +74,9 @@ def make_train_step(
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
-        metrics = {k: v for k, v in out.metrics.items() if k != "logits"}
+        # The logits and hidden state are arrays per token, not numbers to log.
+        per_token = out.names(OutputRole.LOGITS, OutputRole.HIDDEN)
+        metrics = {k: v for k, v in out.metrics.items() if k not in per_token}
         for name in ("lm_loss", "mtp_loss", "balance_loss"):
             metrics.setdefault(name, jnp.zeros((), jnp.float32))
         metrics["loss"] = loss

@@ -98,17 +98,17 @@ builtin.module {
       dsv3.yield %next, %balance, %layer_load : tensor<?x?x16xf32>, tensor<f32>, tensor<4xf32>
     }
     %balance_total = dsv3.sum %aux : (tensor<2xf32>) -> tensor<f32>
-    dsv3.output %balance_total {name = "balance_loss", weight = 1.000000e+00 : f64} : tensor<f32>
-    dsv3.output %load {name = "expert_load"} : tensor<2x4xf32>
+    dsv3.output %balance_total {name = "balance_loss", role = #dsv3<role aux_loss>, weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %load {name = "expert_load", role = #dsv3<role metric>} : tensor<2x4xf32>
     dsv3.bias_update %load {param = "moe.router_bias", rate = 1.000000e-02 : f64} : tensor<2x4xf32>
     %final_norm = dsv3.param {name = "final_norm", axes = ["embed"], init = "ones", trainable = true} : tensor<16xf32>
     %hn = dsv3.rms_norm %h, %final_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x16xf32>, tensor<16xf32>) -> tensor<?x?x16xf32>
     %head = dsv3.transpose %table : (tensor<32x16xf32>) -> tensor<16x32xf32>
     %logits = dsv3.matmul %hn, %head : (tensor<?x?x16xf32>, tensor<16x32xf32>) -> tensor<?x?x32xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x32xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x32xf32>
     %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x32xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     func.return
   }
 }
@@ -334,9 +334,38 @@ BROKEN = {
         (("dsv3.split_heads %q {heads = 2 : i64}", "dsv3.split_heads %q {heads = 3 : i64}"),),
         "dsv3.split_heads", "'dsv3.split_heads' op width 16 does not split into 3 heads",
     ),
+    "bias-update-of-another-stack": Broken(
+        (('    dsv3.bias_update %load {param = "moe.router_bias"',
+          '    %other = dsv3.param {name = "other_bias", axes = ["layers", "exp"], init = "zeros", trainable = false} '
+          ': tensor<2x4xf32>\n    dsv3.bias_update %load {param = "other_bias"'),),
+        "dsv3.bias_update", "updates 'other_bias', which the layer stack that computes the load does not read",
+    ),
     "loss-output-not-scalar": Broken(
-        (('dsv3.output %load {name = "expert_load"}', 'dsv3.output %load {name = "expert_load", weight = 1.0 : f64}'),),
+        (('{name = "expert_load", role = #dsv3<role metric>}',
+          '{name = "expert_load", role = #dsv3<role aux_loss>, weight = 1.0 : f64}'),),
         '{name = "expert_load"', "'dsv3.output' op loss term 'expert_load' must be a scalar",
+    ),
+    "loss-output-without-weight": Broken(
+        (('{name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64}',
+          '{name = "lm_loss", role = #dsv3<role loss>}'),),
+        '{name = "lm_loss"', "'dsv3.output' op 'lm_loss': a loss output is a loss term and needs a weight",
+    ),
+    "weight-on-a-non-loss-role": Broken(
+        (('{name = "logits", role = #dsv3<role logits>}',
+          '{name = "logits", role = #dsv3<role logits>, weight = 1.0 : f64}'),),
+        '{name = "logits"', "'dsv3.output' op 'logits': only loss roles take a weight, not logits",
+    ),
+    "output-without-role": Broken(
+        (('{name = "logits", role = #dsv3<role logits>}', '{name = "logits"}'),),
+        '{name = "logits"', "property 'role' expected in operation 'dsv3.output'",
+    ),
+    "second-loss-output": Broken(
+        (('{name = "balance_loss", role = #dsv3<role aux_loss>', '{name = "balance_loss", role = #dsv3<role loss>'),),
+        '{name = "lm_loss"', "'lm_loss' is a second loss output of @model (the first is 'balance_loss')",
+    ),
+    "second-logits-output": Broken(
+        (('{name = "expert_load", role = #dsv3<role metric>}', '{name = "expert_load", role = #dsv3<role logits>}'),),
+        '{name = "logits"', "'logits' is a second logits output of @model (the first is 'expert_load')",
     ),
 }
 
@@ -353,6 +382,28 @@ def test_verifier_rejects_hand_broken_ir_at_the_op(case: str) -> None:
     err = info.value
     assert (err.path, err.line, err.col, err.message) == ("x.mlir", line, col, broken.message)
     assert str(err) == f"x.mlir:{line}:{col}: error: {broken.message}"
+
+
+UNKNOWN_CHOICES = {
+    "output-role": ("#dsv3<role metric>", "metrics",
+                    "Expected `loss`, `mtp_loss`, `aux_loss`, `metric`, `logits`, or `hidden`."),
+    "router-score": ("#dsv3<score sigmoid>", "relu", "Expected `sigmoid`, or `softmax`."),
+    "rope-layout": ("#dsv3<rope_layout half>", "rotate_half", "Expected `interleaved`, or `half`."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNKNOWN_CHOICES))
+def test_unknown_enum_value_is_a_parse_error_at_the_word(case: str) -> None:
+    """A choice outside its enum is refused by the parser, pointing at the word, with the words it accepts."""
+    attr, word, message = UNKNOWN_CHOICES[case]
+    bad = attr.rsplit(" ", 1)[0] + f" {word}>"
+    text = BASE_IR.replace(attr, bad, 1)
+    line, _ = _position_of_line(text, bad)
+    with pytest.raises(dsv3c.SpecError) as info:
+        parse_ir(text, "x.mlir")
+    err = info.value
+    assert (err.line, err.message) == (line, message)
+    assert text.splitlines()[line - 1][err.col - 1:].startswith(word)
 
 
 def test_unknown_op_is_a_positioned_parse_error() -> None:
@@ -559,6 +610,17 @@ def test_deleting_mtp_by_hand_matches_the_pass_and_keeps_the_model(input_text, t
                 + reference.metrics["mtp_balance_loss"])
     np.testing.assert_allclose(float(reference.loss), float(with_mtp), rtol=1e-5)
     assert float(reference.loss) > float(metrics["loss"])
+
+
+def test_mtp_is_found_by_structure_not_by_name(input_text) -> None:
+    """With every `mtp` in names replaced, dsv3-drop-mtp removes the same ops and the report counts the same MTP
+    parameters: the `mtp_loss` role and the data flow decide, not name prefixes."""
+    renamed = input_text.replace("mtp", "draft").replace("<role draft_loss>", "<role mtp_loss>")
+    assert "mtp" not in renamed.replace("<role mtp_loss>", "")
+    module = parse_ir(renamed)
+    assert count_params(module) == count_params(parse_ir(input_text))
+    run_pipeline(module, "dsv3-drop-mtp")
+    assert print_ir(module) == _delete_mtp(input_text)
 
 
 def test_edit_that_breaks_verification_is_reported_at_the_op(input_text, tmp_path, capsys) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import ChainMap
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from xdsl.dialects.builtin import ModuleOp, StringAttr
@@ -62,6 +62,15 @@ def kernel_impl(op: Operation, default: Kernel) -> Callable[..., Any]:
     return impl
 
 
+class Output(NamedTuple):
+    """One `dsv3.output` as traced: its report name, its role, its value and its loss weight (loss roles only)."""
+
+    name: str
+    role: dsv3.OutputRole
+    value: jax.Array
+    weight: float | None
+
+
 @dataclass
 class LoweringContext:
     """What rules share while one program is traced: the parameters by name, the device mesh (None on one device)
@@ -73,7 +82,7 @@ class LoweringContext:
     mesh: jax.sharding.Mesh | None = None
     explicit: bool = False
     fp8_backend: str = "exact"
-    outputs: list[tuple[str, jax.Array, float | None]] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
     bias_updates: list[tuple[str, jax.Array, float]] = field(default_factory=list)
     env: MutableMapping[SSAValue, jax.Array] = field(default_factory=dict)
     caches: dict[str, jax.Array] = field(default_factory=dict)

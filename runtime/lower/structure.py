@@ -6,7 +6,7 @@ import jax
 from jax import lax
 
 from ...dialects import dsv3
-from .registry import LoweringContext, LoweringError, lower_region_block, register_lowering
+from .registry import LoweringContext, LoweringError, Output, lower_region_block, register_lowering
 from .remat import remat_policy
 
 
@@ -40,7 +40,7 @@ def _layer_stack(op: dsv3.LayerStackOp, args, ctx: LoweringContext):
 @register_lowering(dsv3.OutputOp)
 def _output(op: dsv3.OutputOp, args, ctx: LoweringContext):
     weight = None if op.weight is None else op.weight.value.data
-    ctx.outputs.append((op.output_name.data, args[0], weight))
+    ctx.outputs.append(Output(op.output_name.data, op.output_role, args[0], weight))
     return []
 
 

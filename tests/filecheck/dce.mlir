@@ -22,7 +22,7 @@
 // CHECK-NEXT:      %s = dsv3.sum %y2
 // CHECK-NEXT:      dsv3.yield %y2, %s : tensor<?x?x16xf32>, tensor<f32>
 // CHECK-NEXT:    }
-// CHECK-NEXT:    dsv3.output %live_out {name = "hidden"} : tensor<?x?x16xf32>
+// CHECK-NEXT:    dsv3.output %live_out {name = "hidden", role = #dsv3<role hidden>} : tensor<?x?x16xf32>
 // CHECK-NEXT:    func.return
 
 // GONE-NOT: "unused"
@@ -53,7 +53,7 @@ builtin.module {
       %s = dsv3.sum %y2 : (tensor<?x?x16xf32>) -> tensor<f32>
       dsv3.yield %y2, %s : tensor<?x?x16xf32>, tensor<f32>
     }
-    dsv3.output %live_out {name = "hidden"} : tensor<?x?x16xf32>
+    dsv3.output %live_out {name = "hidden", role = #dsv3<role hidden>} : tensor<?x?x16xf32>
     func.return
   }
 }

@@ -1,7 +1,8 @@
 // RUN: dsv3c opt %s -p dsv3-drop-mtp | filecheck %s
 // RUN: dsv3c opt %s -p dsv3-drop-mtp | filecheck %s --check-prefix=GONE
 
-// dsv3-drop-mtp erases the MTP outputs (`mtp_*`) and the MTP router-bias update, then dead-code elimination takes
+// dsv3-drop-mtp erases the MTP outputs and the MTP router-bias update (found by structure: what depends on what only
+// the `mtp_loss` role's output needs, never by name), then dead-code elimination takes
 // everything that only fed them: the MTP parameters, its token window, the second embedding lookup and the whole
 // MTP layer stack. What the main model shares with MTP (the embedding table, the output head) stays, and so do the
 // main model's outputs and its own bias update.
@@ -21,17 +22,17 @@
 // CHECK:           dsv3.yield %next, %balance, %layer_load
 // CHECK-NEXT:    }
 // CHECK-NEXT:    %balance_total = dsv3.sum %aux
-// CHECK-NEXT:    dsv3.output %balance_total {name = "balance_loss", weight = 1.000000e+00 : f64}
-// CHECK-NEXT:    dsv3.output %load {name = "expert_load"}
+// CHECK-NEXT:    dsv3.output %balance_total {name = "balance_loss", role = #dsv3<role aux_loss>, weight = 1.000000e+00 : f64}
+// CHECK-NEXT:    dsv3.output %load {name = "expert_load", role = #dsv3<role metric>}
 // The main model's router bias keeps its update rule.
 // CHECK-NEXT:    dsv3.bias_update %load {param = "moe.router_bias", rate = 1.000000e-02 : f64}
 // The output head was shared with MTP: it stays.
 // CHECK-NEXT:    %head = dsv3.param {name = "head"
 // CHECK-NEXT:    %logits = dsv3.matmul %h, %head
-// CHECK-NEXT:    dsv3.output %logits {name = "logits"}
+// CHECK-NEXT:    dsv3.output %logits {name = "logits", role = #dsv3<role logits>}
 // CHECK-NEXT:    %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64}
 // CHECK-NEXT:    %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask
-// CHECK-NEXT:    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64}
+// CHECK-NEXT:    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64}
 // Nothing of MTP is left: the main model's last op is followed by the return.
 // CHECK-NEXT:    func.return
 // CHECK-NEXT:  }
@@ -62,15 +63,15 @@ builtin.module {
       dsv3.yield %next, %balance, %layer_load : tensor<?x?x16xf32>, tensor<f32>, tensor<4xf32>
     }
     %balance_total = dsv3.sum %aux : (tensor<2xf32>) -> tensor<f32>
-    dsv3.output %balance_total {name = "balance_loss", weight = 1.000000e+00 : f64} : tensor<f32>
-    dsv3.output %load {name = "expert_load"} : tensor<2x4xf32>
+    dsv3.output %balance_total {name = "balance_loss", role = #dsv3<role aux_loss>, weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %load {name = "expert_load", role = #dsv3<role metric>} : tensor<2x4xf32>
     dsv3.bias_update %load {param = "moe.router_bias", rate = 1.000000e-02 : f64} : tensor<2x4xf32>
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<16x64xf32>
     %logits = dsv3.matmul %h, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x64xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x64xf32>
     %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     %mtp_norm = dsv3.param {name = "mtp.0.norm", axes = ["embed"], init = "ones", trainable = true} : tensor<16xf32>
     %mtp_proj = dsv3.param {name = "mtp.0.eh_proj", axes = ["mlp", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<32x16xf32>
     %mtp_ids, %mtp_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
@@ -89,8 +90,8 @@ builtin.module {
     %mtp_logits = dsv3.matmul %mtp_final, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
     %mtp_labels, %mtp_label_mask = dsv3.token_window %tokens {offset = 2 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %mtp_loss = dsv3.cross_entropy %mtp_logits, %mtp_labels, %mtp_label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %mtp_loss {name = "mtp_loss", weight = 3.000000e-01 : f64} : tensor<f32>
-    dsv3.output %mtp_load {name = "mtp_expert_load"} : tensor<1x4xf32>
+    dsv3.output %mtp_loss {name = "mtp_loss", role = #dsv3<role mtp_loss>, weight = 3.000000e-01 : f64} : tensor<f32>
+    dsv3.output %mtp_load {name = "mtp_expert_load", role = #dsv3<role metric>} : tensor<1x4xf32>
     dsv3.bias_update %mtp_load {param = "mtp.0.block.router_bias", rate = 1.000000e-02 : f64} : tensor<1x4xf32>
     func.return
   }

@@ -61,7 +61,7 @@ builtin.module {
     }
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<16x64xf32>
     %logits = dsv3.matmul %out, %head : (tensor<?x?x16xbf16>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x64xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x64xf32>
     func.return
   }
   func.func @moe(%x: tensor<?x?x16xbf16>, %gw: tensor<?x?x2xf32>, %ids: tensor<?x?x2xi32>, %g: tensor<4x16x24xf32>, %u: tensor<4x16x24xf32>, %d: tensor<4x24x16xf32>) -> tensor<?x?x16xbf16> {

@@ -27,7 +27,7 @@
 // LATENT-NEXT:    }
 // LATENT-NEXT:    dsv3.cache_store %dense_c_kv_next {name = "dense.c_kv"} : tensor<2x?x?x4xf32>
 // LATENT-NEXT:    dsv3.cache_store %dense_k_pe_next {name = "dense.k_pe"} : tensor<2x?x?x2xf32>
-// LATENT:         dsv3.output %logits {name = "logits"}
+// LATENT:         dsv3.output %logits {name = "logits", role = #dsv3<role logits>}
 // LATENT-NEXT:    func.return
 
 // Naive: per-head k_nope [2 heads, 2] and v [2 heads, 3] are cached beside k_pe, and the attention reads them.
@@ -75,10 +75,10 @@ builtin.module {
     }
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<8x16xf32>
     %logits = dsv3.matmul %h, %head : (tensor<?x?x8xf32>, tensor<8x16xf32>) -> tensor<?x?x16xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x16xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x16xf32>
     %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x16xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     func.return
   }
 }

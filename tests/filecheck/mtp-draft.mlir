@@ -8,9 +8,9 @@
 
 // CHECK-LABEL: func.func @model(%tokens: tensor<?x?xi32>) {
 // CHECK:         %logits = dsv3.matmul %h, %head
-// CHECK-NEXT:    dsv3.output %logits {name = "logits"}
-// CHECK-NEXT:    dsv3.output %h {name = "hidden"} : tensor<?x?x16xf32>
-// CHECK:         dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64}
+// CHECK-NEXT:    dsv3.output %logits {name = "logits", role = #dsv3<role logits>}
+// CHECK-NEXT:    dsv3.output %h {name = "hidden", role = #dsv3<role hidden>} : tensor<?x?x16xf32>
+// CHECK:         dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64}
 // CHECK-NOT:     mtp
 // CHECK:         func.return
 // CHECK-NEXT:  }
@@ -23,7 +23,7 @@
 // CHECK:         %mtp_h, %mtp_load = dsv3.layer_stack %mtp_h0, %mtp_router, %mtp_bias {count = 1 : i64, kind = "moe"}
 // CHECK:         %mtp_final = dsv3.rms_norm %mtp_h, %mtp_norm
 // CHECK-NEXT:    %mtp_logits = dsv3.matmul %mtp_final, %head
-// CHECK-NEXT:    dsv3.output %mtp_logits {name = "logits"}
+// CHECK-NEXT:    dsv3.output %mtp_logits {name = "logits", role = #dsv3<role logits>}
 // CHECK-NEXT:    func.return
 // CHECK-NEXT:  }
 
@@ -47,15 +47,15 @@ builtin.module {
       dsv3.yield %next, %balance, %layer_load : tensor<?x?x16xf32>, tensor<f32>, tensor<4xf32>
     }
     %balance_total = dsv3.sum %aux : (tensor<2xf32>) -> tensor<f32>
-    dsv3.output %balance_total {name = "balance_loss", weight = 1.000000e+00 : f64} : tensor<f32>
-    dsv3.output %load {name = "expert_load"} : tensor<2x4xf32>
+    dsv3.output %balance_total {name = "balance_loss", role = #dsv3<role aux_loss>, weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %load {name = "expert_load", role = #dsv3<role metric>} : tensor<2x4xf32>
     dsv3.bias_update %load {param = "moe.router_bias", rate = 1.000000e-02 : f64} : tensor<2x4xf32>
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<16x64xf32>
     %logits = dsv3.matmul %h, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x64xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x64xf32>
     %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     %mtp_norm = dsv3.param {name = "mtp.0.norm", axes = ["embed"], init = "ones", trainable = true} : tensor<16xf32>
     %mtp_proj = dsv3.param {name = "mtp.0.eh_proj", axes = ["mlp", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<32x16xf32>
     %mtp_ids, %mtp_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
@@ -74,8 +74,8 @@ builtin.module {
     %mtp_logits = dsv3.matmul %mtp_final, %head : (tensor<?x?x16xf32>, tensor<16x64xf32>) -> tensor<?x?x64xf32>
     %mtp_labels, %mtp_label_mask = dsv3.token_window %tokens {offset = 2 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %mtp_loss = dsv3.cross_entropy %mtp_logits, %mtp_labels, %mtp_label_mask : (tensor<?x?x64xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %mtp_loss {name = "mtp_loss", weight = 3.000000e-01 : f64} : tensor<f32>
-    dsv3.output %mtp_load {name = "mtp_expert_load"} : tensor<1x4xf32>
+    dsv3.output %mtp_loss {name = "mtp_loss", role = #dsv3<role mtp_loss>, weight = 3.000000e-01 : f64} : tensor<f32>
+    dsv3.output %mtp_load {name = "mtp_expert_load", role = #dsv3<role metric>} : tensor<1x4xf32>
     dsv3.bias_update %mtp_load {param = "mtp.0.block.router_bias", rate = 1.000000e-02 : f64} : tensor<1x4xf32>
     func.return
   }

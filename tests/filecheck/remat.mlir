@@ -131,10 +131,10 @@ builtin.module {
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 6.000000e-03 : f64, trainable = true} : tensor<16x32xf32>
     %14 = dsv3.rms_norm %h, %final_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x16xf32>, tensor<16xf32>) -> tensor<?x?x16xf32>
     %logits = dsv3.matmul %14, %head : (tensor<?x?x16xf32>, tensor<16x32xf32>) -> tensor<?x?x32xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x32xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x32xf32>
     %labels, %label_mask = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %lm_loss = dsv3.cross_entropy %logits, %labels, %label_mask : (tensor<?x?x32xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %lm_loss {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %lm_loss {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     func.return
   }
 }

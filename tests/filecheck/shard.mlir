@@ -81,16 +81,16 @@ builtin.module {
       dsv3.yield %h_3, %14, %15 : tensor<?x?x16xf32>, tensor<f32>, tensor<4xf32>
     }
     %16 = dsv3.sum %balance : (tensor<1xf32>) -> tensor<f32>
-    dsv3.output %16 {name = "balance_loss", weight = 1.000000e+00 : f64} : tensor<f32>
-    dsv3.output %load {name = "expert_load"} : tensor<1x4xf32>
+    dsv3.output %16 {name = "balance_loss", role = #dsv3<role aux_loss>, weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %load {name = "expert_load", role = #dsv3<role metric>} : tensor<1x4xf32>
     %final_norm = dsv3.param {name = "final_norm", axes = ["embed"], init = "ones", trainable = true} : tensor<16xf32>
     %head = dsv3.param {name = "head", axes = ["embed", "vocab"], init = "normal", std = 6.000000e-03 : f64, trainable = true} : tensor<16x32xf32>
     %17 = dsv3.rms_norm %h, %final_norm {eps = 1.000000e-06 : f64} : (tensor<?x?x16xf32>, tensor<16xf32>) -> tensor<?x?x16xf32>
     %logits = dsv3.matmul %17, %head : (tensor<?x?x16xf32>, tensor<16x32xf32>) -> tensor<?x?x32xf32>
-    dsv3.output %logits {name = "logits"} : tensor<?x?x32xf32>
+    dsv3.output %logits {name = "logits", role = #dsv3<role logits>} : tensor<?x?x32xf32>
     %18, %19 = dsv3.token_window %tokens {offset = 1 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %20 = dsv3.cross_entropy %logits, %18, %19 : (tensor<?x?x32xf32>, tensor<?x?xi32>, tensor<?x?xf32>) -> tensor<f32>
-    dsv3.output %20 {name = "lm_loss", weight = 1.000000e+00 : f64} : tensor<f32>
+    dsv3.output %20 {name = "lm_loss", role = #dsv3<role loss>, weight = 1.000000e+00 : f64} : tensor<f32>
     func.return
   }
 }

@@ -14,7 +14,7 @@ builtin.module {
     %rw = dsv3.param {name = "router", axes = ["embed", "exp"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<16x4xf32>
     %rb = dsv3.param {name = "router_bias", axes = ["exp"], init = "zeros", trainable = false} : tensor<4xf32>
     %weights, %experts, %scores = dsv3.router %h, %rw, %rb {score = #dsv3<score sigmoid>, top_k = 3 : i64, groups = 2 : i64, keep_groups = 1 : i64, scale = 1.000000e+00 : f64, normalize = true} : (tensor<?x?x16xf32>, tensor<16x4xf32>, tensor<4xf32>) -> (tensor<?x?x3xf32>, tensor<?x?x3xi32>, tensor<?x?x4xf32>)
-    dsv3.output %weights {name = "weights"} : tensor<?x?x3xf32>
+    dsv3.output %weights {name = "weights", role = #dsv3<role metric>} : tensor<?x?x3xf32>
     func.return
   }
 }
