@@ -11,7 +11,10 @@ returns stacked again. So the IR shows, per layer, exactly which values are cach
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, IntegerType, StringAttr, TensorType
+from xdsl.ir import SSAValue
 from xdsl.irdl import (
     IRDLOperation,
     irdl_op_definition,
@@ -42,6 +45,15 @@ class CacheOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
     assembly_format = "attr-dict `:` type($result)"
+
+    def __init__(self, name: str, axes: Sequence[str], result_type: TensorType, fill: int | None = None):
+        super().__init__(
+            result_types=[result_type],
+            properties={
+                "name": StringAttr(name), "axes": ArrayAttr([StringAttr(a) for a in axes]),
+                "fill": None if fill is None else IntegerAttr(fill, 64),
+            },
+        )
 
     @property
     def cname(self) -> str:
@@ -77,6 +89,9 @@ class CacheUpdateOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, cache: SSAValue, new: SSAValue, slot: SSAValue):
+        super().__init__(operands=[cache, new, slot], result_types=[cache.type])
+
     def verify_(self) -> None:
         cs, ns = shape_of(self.cache), shape_of(self.new)
         self.expect(len(cs) == len(ns) >= 2, f"cache {_fmt(cs)} and entries {_fmt(ns)} must have the same rank")
@@ -95,6 +110,9 @@ class CacheStoreOp(_Op):
     value = operand_def(TensorType)
     cache_name = prop_def(StringAttr, prop_name="name")
     assembly_format = "operands attr-dict `:` type(operands)"
+
+    def __init__(self, value: SSAValue, name: str):
+        super().__init__(operands=[value], properties={"name": StringAttr(name)})
 
 
 CACHE_OPS: list[type[IRDLOperation]] = [CacheOp, CacheUpdateOp, CacheStoreOp]

@@ -17,16 +17,18 @@ that verifiers can check shapes when the IR is built, parsed or edited by hand.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import auto
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
     ArrayAttr,
     BoolAttr,
+    Float32Type,
     FloatAttr,
     IntegerAttr,
+    IntegerType,
     StringAttr,
     TensorType,
 )
@@ -77,6 +79,19 @@ def _same_shape(a: Sequence[int], b: Sequence[int]) -> bool:
 
 def _fmt(shape: Sequence[int]) -> str:
     return "x".join("?" if d == DYN else str(d) for d in shape) or "scalar"
+
+
+def _element_type(value: SSAValue) -> Attribute:
+    assert isinstance(value.type, TensorType)
+    return value.type.element_type
+
+
+def _int(value: int) -> IntegerAttr:
+    return IntegerAttr(value, 64)
+
+
+def _float(value: float) -> FloatAttr:
+    return FloatAttr(float(value), 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +168,13 @@ class _Op(IRDLOperation):
 
     irdl_options = (ParsePropInAttrDict(),)
     assembly_format = _FORMAT
+
+    def __init__(self, *, properties: Mapping[str, Attribute | None] | None = None, **fields: Any):
+        """For the ops' own constructors: properties go in the order the op declares them, so that a built op
+        prints exactly as the same op parsed from text (the attribute dictionary keeps insertion order)."""
+        order = list(self.get_irdl_definition().properties)
+        given = dict(properties or {})
+        super().__init__(properties={k: given[k] for k in sorted(given, key=order.index)}, **fields)
 
     def fail(self, message: str) -> None:
         raise VerifyException(f"'{self.name}' op {message}")
@@ -233,6 +255,18 @@ class ParamOp(_Op):
     traits = traits_def(Pure())
     assembly_format = "attr-dict `:` type($result)"
 
+    def __init__(
+        self, name: str, result_type: TensorType, axes: Sequence[str], init: str, std: float | None = None,
+        trainable: bool = True,
+    ):
+        properties: dict[str, Attribute] = {
+            "name": StringAttr(name), "axes": ArrayAttr([StringAttr(a) for a in axes]), "init": StringAttr(init),
+            "trainable": BoolAttr.from_bool(trainable),
+        }
+        if std is not None:
+            properties["std"] = _float(std)
+        super().__init__(result_types=[result_type], properties=properties)
+
     INITS: ClassVar[tuple[str, ...]] = ("normal", "zeros", "ones")
 
     @property
@@ -278,6 +312,17 @@ class OptimizerOp(_Op):
     min_lr_ratio = prop_def(FloatAttr)
     assembly_format = "attr-dict"
 
+    def __init__(
+        self, *, kind: str, lr: float, b1: float, b2: float, eps: float, weight_decay: float, clip: float,
+        moments: str, schedule: str, warmup: int, decay_steps: int, min_lr_ratio: float,
+    ):
+        floats = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "clip": clip,
+                  "min_lr_ratio": min_lr_ratio}
+        super().__init__(properties={
+            "kind": StringAttr(kind), "moments": StringAttr(moments), "schedule": StringAttr(schedule),
+            "warmup": _int(warmup), "decay_steps": _int(decay_steps), **{k: _float(v) for k, v in floats.items()},
+        })
+
     def verify_(self) -> None:
         self.expect(self.kind.data == "adamw", f"unknown optimizer '{self.kind.data}' (only adamw)")
         self.expect(self.schedule.data in ("cosine", "linear", "constant"), f"unknown schedule '{self.schedule.data}'")
@@ -302,6 +347,9 @@ class YieldOp(_Op):
     values = var_operand_def()
     traits = traits_def(IsTerminator(), Pure())
     assembly_format = "operands attr-dict `:` type(operands)"
+
+    def __init__(self, values: Sequence[SSAValue]):
+        super().__init__(operands=[list(values)])
 
 
 @irdl_op_definition
@@ -407,6 +455,9 @@ class BiasUpdateOp(_Op):
     rate = prop_def(FloatAttr)
     assembly_format = "operands attr-dict `:` type(operands)"
 
+    def __init__(self, load: SSAValue, param: str, rate: float):
+        super().__init__(operands=[load], properties={"param": StringAttr(param), "rate": _float(rate)})
+
     def verify_(self) -> None:
         self.expect_range("rate", 0)
 
@@ -428,6 +479,10 @@ class TokenWindowOp(_Op):
     mask = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, tokens: SSAValue, offset: int):
+        mask = TensorType(Float32Type(), [DYN, DYN])
+        super().__init__(operands=[tokens], result_types=[tokens.type, mask], properties={"offset": _int(offset)})
+
     def verify_(self) -> None:
         # 0 is the inputs, 1 the labels, k + 1 the targets of MTP module k; beyond, the window would mask everything.
         offset = self.int_prop("offset")
@@ -444,6 +499,9 @@ class PositionsOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, ids: SSAValue):
+        super().__init__(operands=[ids], result_types=[ids.type])
+
 
 @irdl_op_definition
 class EmbedOp(_Op):
@@ -454,6 +512,11 @@ class EmbedOp(_Op):
     ids = operand_def(TensorType)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, table: SSAValue, ids: SSAValue, dtype: Attribute):
+        """`dtype` is the compute dtype the rows are cast to."""
+        shape = [*shape_of(ids), shape_of(table)[-1]]
+        super().__init__(operands=[table, ids], result_types=[TensorType(dtype, shape)])
 
     def verify_(self) -> None:
         self.expect(shape_of(self.result)[-1] == shape_of(self.table)[-1], "result width must equal the table's dim")
@@ -469,6 +532,9 @@ class RMSNormOp(_Op):
     eps = prop_def(FloatAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue, weight: SSAValue, eps: float):
+        super().__init__(operands=[x, weight], result_types=[x.type], properties={"eps": _float(eps)})
 
     def verify_(self) -> None:
         width = shape_of(self.x)[-1]
@@ -488,6 +554,11 @@ class MatmulOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, x: SSAValue, w: SSAValue, dtype: Attribute | None = None):
+        """The result has x's dtype unless `dtype` says otherwise (float32 logits)."""
+        shape = [*shape_of(x)[:-1], shape_of(w)[-1]]
+        super().__init__(operands=[x, w], result_types=[TensorType(dtype or _element_type(x), shape)])
+
     def verify_(self) -> None:
         xs, ws, rs = shape_of(self.x), shape_of(self.w), shape_of(self.result)
         self.expect(len(ws) == 2, f"weight must be 2-D, got {_fmt(ws)}")
@@ -504,6 +575,10 @@ class TransposeOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, x: SSAValue):
+        result = TensorType(_element_type(x), list(reversed(shape_of(x))))
+        super().__init__(operands=[x], result_types=[result])
+
     def verify_(self) -> None:
         self.expect(shape_of(self.result) == tuple(reversed(shape_of(self.x))), "result must be the transposed shape")
 
@@ -517,6 +592,11 @@ class SplitHeadsOp(_Op):
     heads = prop_def(IntegerAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue, heads: int):
+        *rest, width = shape_of(x)
+        result = TensorType(_element_type(x), [*rest, heads, width // heads])
+        super().__init__(operands=[x], result_types=[result], properties={"heads": _int(heads)})
 
     def verify_(self) -> None:
         xs, rs, h = shape_of(self.x), shape_of(self.result), self.int_prop("heads")
@@ -532,6 +612,10 @@ class MergeHeadsOp(_Op):
     x = operand_def(TensorType)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue):
+        *rest, heads, width = shape_of(x)
+        super().__init__(operands=[x], result_types=[TensorType(_element_type(x), [*rest, heads * width])])
 
     def verify_(self) -> None:
         xs, rs = shape_of(self.x), shape_of(self.result)
@@ -549,6 +633,10 @@ class SliceOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, x: SSAValue, start: int, size: int):
+        result = TensorType(_element_type(x), [*shape_of(x)[:-1], size])
+        super().__init__(operands=[x], result_types=[result], properties={"start": _int(start), "size": _int(size)})
+
     def verify_(self) -> None:
         xs, start, size = shape_of(self.x), self.int_prop("start"), self.int_prop("size")
         self.expect(start >= 0 and size > 0 and start + size <= xs[-1], f"[{start}:{start + size}] is outside {xs[-1]}")
@@ -564,6 +652,10 @@ class ConcatOp(_Op):
     b = operand_def(TensorType)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, a: SSAValue, b: SSAValue):
+        result = TensorType(_element_type(a), [*shape_of(a)[:-1], shape_of(a)[-1] + shape_of(b)[-1]])
+        super().__init__(operands=[a, b], result_types=[result])
 
     def verify_(self) -> None:
         self.expect(shape_of(self.result)[-1] == shape_of(self.a)[-1] + shape_of(self.b)[-1], "widths must add up")
@@ -588,6 +680,21 @@ class RopeOp(_Op):
     yarn_mscale_all_dim = opt_prop_def(FloatAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(
+        self, x: SSAValue, positions: SSAValue, theta: float, layout: RopeLayout, *, yarn_factor: float | None = None,
+        yarn_original_len: int | None = None, yarn_beta_fast: float | None = None,
+        yarn_beta_slow: float | None = None, yarn_mscale: float | None = None,
+        yarn_mscale_all_dim: float | None = None,
+    ):
+        """The `yarn_*` arguments are given together, for a YaRN-extended context, or not at all."""
+        properties: dict[str, Attribute] = {"theta": _float(theta), "layout": RopeLayoutAttr(layout)}
+        if yarn_original_len is not None:
+            properties["yarn_original_len"] = _int(yarn_original_len)
+        yarn = {"yarn_factor": yarn_factor, "yarn_beta_fast": yarn_beta_fast, "yarn_beta_slow": yarn_beta_slow,
+                "yarn_mscale": yarn_mscale, "yarn_mscale_all_dim": yarn_mscale_all_dim}
+        properties.update({k: _float(v) for k, v in yarn.items() if v is not None})
+        super().__init__(operands=[x, positions], result_types=[x.type], properties=properties)
 
     def verify_(self) -> None:
         self.expect(shape_of(self.x)[-1] % 2 == 0, "the rotated width must be even")
@@ -618,6 +725,13 @@ class AttentionOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(
+        self, q_nope: SSAValue, q_pe: SSAValue, k_nope: SSAValue, k_pe: SSAValue, v: SSAValue, scale: float,
+    ):
+        super().__init__(
+            operands=[q_nope, q_pe, k_nope, k_pe, v], result_types=[v.type], properties={"scale": _float(scale)}
+        )
+
     KERNELS: ClassVar[tuple[Kernel, ...]] = ATTENTION_KERNELS
 
     def verify_(self) -> None:
@@ -641,6 +755,9 @@ class SwiGLUOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, gate: SSAValue, up: SSAValue):
+        super().__init__(operands=[gate, up], result_types=[gate.type])
+
     def verify_(self) -> None:
         self.expect(_same_shape(shape_of(self.gate), shape_of(self.up)), "gate and up must have the same shape")
 
@@ -655,6 +772,9 @@ class AddOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, a: SSAValue, b: SSAValue):
+        super().__init__(operands=[a, b], result_types=[a.type])
+
     def verify_(self) -> None:
         self.expect(_same_shape(shape_of(self.a), shape_of(self.b)), "operands must have the same shape")
 
@@ -667,6 +787,9 @@ class SumOp(_Op):
     x = operand_def(TensorType)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue):
+        super().__init__(operands=[x], result_types=[TensorType(Float32Type(), [])])
 
 
 @irdl_op_definition
@@ -691,6 +814,23 @@ class RouterOp(_Op):
     indices = result_def(TensorType)
     scores = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(
+        self, x: SSAValue, w: SSAValue, bias: SSAValue, *, score: RouterScore, top_k: int, groups: int,
+        keep_groups: int, scale: float, normalize: bool,
+    ):
+        rows, experts = shape_of(x)[:-1], shape_of(w)[-1]
+        f32, i32 = Float32Type(), IntegerType(32)
+        super().__init__(
+            operands=[x, w, bias],
+            result_types=[
+                TensorType(f32, [*rows, top_k]), TensorType(i32, [*rows, top_k]), TensorType(f32, [*rows, experts])
+            ],
+            properties={
+                "score": RouterScoreAttr(score), "top_k": _int(top_k), "groups": _int(groups),
+                "keep_groups": _int(keep_groups), "scale": _float(scale), "normalize": BoolAttr.from_bool(normalize),
+            },
+        )
 
     def verify_(self) -> None:
         ws = shape_of(self.w)
@@ -735,6 +875,12 @@ class ExpertsOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(
+        self, x: SSAValue, weights: SSAValue, indices: SSAValue, w_gate: SSAValue, w_up: SSAValue, w_down: SSAValue,
+    ):
+        """Plain dropless experts; passes set capacity, chunks, kernel and quantisation on the op afterwards."""
+        super().__init__(operands=[x, weights, indices, w_gate, w_up, w_down], result_types=[x.type])
+
     KERNELS: ClassVar[tuple[Kernel, ...]] = EXPERT_KERNELS
 
     @property
@@ -771,6 +917,12 @@ class BalanceLossOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, scores: SSAValue, indices: SSAValue, alpha: float):
+        super().__init__(
+            operands=[scores, indices], result_types=[TensorType(Float32Type(), [])],
+            properties={"alpha": _float(alpha)},
+        )
+
     def verify_(self) -> None:
         self.expect_range("alpha", 0)
 
@@ -784,6 +936,12 @@ class ExpertLoadOp(_Op):
     experts = prop_def(IntegerAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, indices: SSAValue, experts: int):
+        super().__init__(
+            operands=[indices], result_types=[TensorType(Float32Type(), [experts])],
+            properties={"experts": _int(experts)},
+        )
 
     def verify_(self) -> None:
         self.expect(shape_of(self.result) == (self.int_prop("experts"),), "result must have one entry per expert")
@@ -800,6 +958,9 @@ class GradMaskOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, x: SSAValue, threshold: float):
+        super().__init__(operands=[x], result_types=[x.type], properties={"threshold": _float(threshold)})
+
     def verify_(self) -> None:
         self.expect_range("threshold", 0, low_open=True)
 
@@ -814,6 +975,9 @@ class CrossEntropyOp(_Op):
     mask = operand_def(TensorType)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, logits: SSAValue, labels: SSAValue, mask: SSAValue):
+        super().__init__(operands=[logits, labels, mask], result_types=[TensorType(Float32Type(), [])])
 
 
 @irdl_op_definition
@@ -831,6 +995,12 @@ class HeadLossOp(_Op):
     chunks = prop_def(IntegerAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, h: SSAValue, head: SSAValue, labels: SSAValue, mask: SSAValue, chunks: int):
+        super().__init__(
+            operands=[h, head, labels, mask], result_types=[TensorType(Float32Type(), [])],
+            properties={"chunks": _int(chunks)},
+        )
 
     def verify_(self) -> None:
         h, w = shape_of(self.h), shape_of(self.head)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from xdsl.dialects.builtin import FloatAttr, StringAttr, TensorType
+from xdsl.ir import Attribute, SSAValue
 from xdsl.irdl import IRDLOperation, irdl_op_definition, operand_def, prop_def, result_def, traits_def
 from xdsl.traits import Pure
 
@@ -39,6 +40,9 @@ class EinsumOp(_Op):
     equation = prop_def(StringAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, a: SSAValue, b: SSAValue, equation: str, result_type: Attribute):
+        super().__init__(operands=[a, b], result_types=[result_type], properties={"equation": StringAttr(equation)})
 
     def verify_(self) -> None:
         parsed = parse_equation(self.equation.data)
@@ -89,6 +93,15 @@ class LatentAttentionOp(_Op):
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(
+        self, q_lat: SSAValue, q_pe: SSAValue, c_kv: SSAValue, k_pe: SSAValue, q_pos: SSAValue, k_pos: SSAValue,
+        scale: float,
+    ):
+        super().__init__(
+            operands=[q_lat, q_pe, c_kv, k_pe, q_pos, k_pos], result_types=[q_lat.type],
+            properties={"scale": FloatAttr(scale, 64)},
+        )
+
     def verify_(self) -> None:
         _check_attention(self, self.q_lat, self.q_pe, self.k_pe, self.q_pos, self.k_pos, [self.c_kv])
         latent = shape_of(self.c_kv)[-1]
@@ -113,6 +126,15 @@ class MaskedAttentionOp(_Op):
     scale = prop_def(FloatAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(
+        self, q_nope: SSAValue, q_pe: SSAValue, k_nope: SSAValue, k_pe: SSAValue, v: SSAValue, q_pos: SSAValue,
+        k_pos: SSAValue, scale: float,
+    ):
+        super().__init__(
+            operands=[q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos], result_types=[v.type],
+            properties={"scale": FloatAttr(scale, 64)},
+        )
 
     def verify_(self) -> None:
         _check_attention(self, self.q_nope, self.q_pe, self.k_pe, self.q_pos, self.k_pos, [self.k_nope, self.v])

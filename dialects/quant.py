@@ -24,7 +24,7 @@ from xdsl.dialects.builtin import (
     Float32Type,
     TensorType,
 )
-from xdsl.ir import SSAValue
+from xdsl.ir import Attribute, SSAValue
 from xdsl.irdl import (
     irdl_op_definition,
     operand_def,
@@ -86,6 +86,14 @@ class QuantizeOp(_Op):
     scales = result_def(TensorType)
     traits = traits_def(Pure())
 
+    def __init__(self, x: SSAValue, quant: QuantAttr):
+        shape = shape_of(x)
+        super().__init__(
+            operands=[x],
+            result_types=[TensorType(quant.dtype, shape), TensorType(Float32Type(), scale_shape(shape, quant))],
+            properties={"quant": quant},
+        )
+
     def verify_(self) -> None:
         self.expect(_same_shape(shape_of(self.values), shape_of(self.x)), "values must have the input's shape")
         _check_quantised(self, self.values, self.scales, self.quant, "values")
@@ -101,6 +109,12 @@ class DequantizeOp(_Op):
     quant = prop_def(QuantAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, values: SSAValue, scales: SSAValue, quant: QuantAttr, dtype: Attribute):
+        """`dtype` is the wide float type the values are restored to."""
+        super().__init__(
+            operands=[values, scales], result_types=[TensorType(dtype, shape_of(values))], properties={"quant": quant}
+        )
 
     def verify_(self) -> None:
         _check_quantised(self, self.values, self.scales, self.quant, "values")
@@ -130,6 +144,16 @@ class FP8MatmulOp(_Op):
     grad_quant = prop_def(QuantAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(
+        self, x: SSAValue, x_scales: SSAValue, w: SSAValue, w_scales: SSAValue, result_type: Attribute, *,
+        x_quant: QuantAttr, w_quant: QuantAttr, grad_quant: QuantAttr,
+    ):
+        """`result_type` is the type of the matmul this one replaces."""
+        super().__init__(
+            operands=[x, x_scales, w, w_scales], result_types=[result_type],
+            properties={"x_quant": x_quant, "w_quant": w_quant, "grad_quant": grad_quant},
+        )
 
     def verify_(self) -> None:
         xs, ws, rs = shape_of(self.x), shape_of(self.w), shape_of(self.result)

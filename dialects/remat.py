@@ -14,7 +14,7 @@ from enum import auto
 
 from xdsl.dialects.builtin import StringAttr, TensorType
 from xdsl.dialects.utils import EnumAttribute
-from xdsl.ir import Attribute, SpacedOpaqueSyntaxAttribute
+from xdsl.ir import Attribute, SpacedOpaqueSyntaxAttribute, SSAValue
 from xdsl.irdl import (
     IRDLOperation,
     irdl_attr_definition,
@@ -60,6 +60,12 @@ class CheckpointOp(_Op):
     action = prop_def(RematActionAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue, name: str, action: RematAction):
+        super().__init__(
+            operands=[x], result_types=[x.type],
+            properties={"name": StringAttr(name), "action": RematActionAttr(action)},
+        )
 
     @property
     def tag(self) -> str:

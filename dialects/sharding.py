@@ -6,7 +6,10 @@ constraint (`auto` mode: XLA's partitioner propagates from there) or an explicit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, StringAttr, TensorType
+from xdsl.ir import SSAValue
 from xdsl.irdl import IRDLOperation, irdl_op_definition, operand_def, prop_def, result_def, traits_def
 from xdsl.traits import Pure
 
@@ -29,6 +32,14 @@ class MeshOp(_Op):
     shape = prop_def(ArrayAttr[IntegerAttr])
     mode = prop_def(StringAttr)
     assembly_format = "attr-dict"
+
+    def __init__(self, shape: Mapping[str, int], mode: str):
+        """`shape` is each mesh axis's size, major to minor."""
+        super().__init__(properties={
+            "axes": ArrayAttr([StringAttr(a) for a in shape]),
+            "shape": ArrayAttr([IntegerAttr(s, 64) for s in shape.values()]),
+            "mode": StringAttr(mode),
+        })
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -53,6 +64,9 @@ class ShardOp(_Op):
     sharding = prop_def(ShardingAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    def __init__(self, x: SSAValue, sharding: ShardingAttr):
+        super().__init__(operands=[x], result_types=[x.type], properties={"sharding": sharding})
 
     def verify_(self) -> None:
         self.expect(self.x.type == self.result.type, "result type must equal the operand type")

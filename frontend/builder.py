@@ -8,22 +8,16 @@ but the IR and a hand-edited IR file means exactly what it says.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from xdsl.dialects.builtin import (
-    ArrayAttr,
     BFloat16Type,
-    BoolAttr,
     Float16Type,
     Float32Type,
-    FloatAttr,
-    IntegerAttr,
     IntegerType,
     ModuleOp,
-    StringAttr,
     TensorType,
-    f64,
 )
 from xdsl.dialects.func import FuncOp, ReturnOp
 from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
@@ -37,22 +31,7 @@ DYN = dsv3.DYN
 F32 = Float32Type()
 I32 = IntegerType(32)
 _DTYPES: dict[str, Attribute] = {"f32": F32, "bf16": BFloat16Type(), "f16": Float16Type()}
-
-
-def _attr(value: object) -> Attribute:
-    if isinstance(value, Attribute):
-        return value
-    if isinstance(value, bool):
-        return BoolAttr.from_bool(value)
-    if isinstance(value, int):
-        return IntegerAttr(value, 64)
-    if isinstance(value, float):
-        return FloatAttr(value, f64)
-    if isinstance(value, str):
-        return StringAttr(value)
-    if isinstance(value, list | tuple):
-        return ArrayAttr([_attr(v) for v in value])
-    raise TypeError(f"no attribute for {value!r}")
+_OpT = TypeVar("_OpT", bound=Operation)
 
 
 @dataclass(frozen=True)
@@ -74,7 +53,7 @@ def _named(value: SSAValue, name: str) -> SSAValue:
 
 
 class _Emitter:
-    """Appends ops to a block; a thin convenience over `Op.build`."""
+    """Appends ops to a block."""
 
     def __init__(self, block: Block, spec: ModelSpec):
         self.block = block
@@ -82,51 +61,38 @@ class _Emitter:
         self.cdt = _DTYPES[spec.dtypes.compute]
         self.pdt = _DTYPES[spec.dtypes.params]
 
-    def op(self, cls: type[dsv3._Op], operands: Sequence[SSAValue], results: Sequence[Attribute], **props) -> Operation:
-        op = cls.build(
-            operands=list(operands),
-            result_types=list(results),
-            properties={k: _attr(v) for k, v in props.items() if v is not None},
-        )
+    def emit(self, op: _OpT) -> _OpT:
         self.block.add_op(op)
         return op
 
-    def one(self, cls: type[dsv3._Op], operands: Sequence[SSAValue], result: Attribute, **props) -> SSAValue:
-        return self.op(cls, operands, [result], **props).results[0]
-
-    def act(self, *dims: int, dtype: Attribute | None = None) -> TensorType:
-        """Type of an activation [B, S, *dims]."""
-        return TensorType(dtype or self.cdt, [DYN, DYN, *dims])
+    def one(self, op: Operation) -> SSAValue:
+        """Appends a single-result op and returns its result."""
+        return self.emit(op).results[0]
 
     def param(self, decl: ParamDecl, prefix: str = "", stack: int = 0) -> SSAValue:
         shape = (stack, *decl.shape) if stack else decl.shape
         axes = ("layers", *decl.axes) if stack else decl.axes
-        value = self.one(
-            dsv3.ParamOp, [], TensorType(self.pdt, shape),
-            name=f"{prefix}{decl.name}", axes=list(axes), init=decl.init, std=decl.std, trainable=decl.trainable,
-        )
-        return _named(value, f"{prefix}{decl.name}")
+        name = f"{prefix}{decl.name}"
+        op = dsv3.ParamOp(name, TensorType(self.pdt, shape), axes, decl.init, decl.std, decl.trainable)
+        return _named(self.one(op), name)
 
     # -- shared pieces ------------------------------------------------------------------------------------------
 
     def rms_norm(self, x: SSAValue, w: SSAValue) -> SSAValue:
-        return self.one(dsv3.RMSNormOp, [x, w], x.type, eps=self.spec.norm_eps)
+        return self.one(dsv3.RMSNormOp(x, w, self.spec.norm_eps))
 
     def matmul(self, x: SSAValue, w: SSAValue, dtype: Attribute | None = None) -> SSAValue:
-        out = dsv3.shape_of(w)[-1]
-        xs = dsv3.shape_of(x)
-        return self.one(dsv3.MatmulOp, [x, w], TensorType(dtype or self.cdt, [*xs[:-1], out]))
+        return self.one(dsv3.MatmulOp(x, w, dtype))
 
     def slice(self, x: SSAValue, start: int, size: int) -> SSAValue:
-        xs = dsv3.shape_of(x)
-        return self.one(dsv3.SliceOp, [x], TensorType(self.cdt, [*xs[:-1], size]), start=start, size=size)
+        return self.one(dsv3.SliceOp(x, start, size))
 
     def swiglu_ffn(self, x: SSAValue, gate: SSAValue, up: SSAValue, down: SSAValue) -> SSAValue:
         g, u = self.matmul(x, gate), self.matmul(x, up)
-        return self.matmul(self.one(dsv3.SwiGLUOp, [g, u], g.type), down)
+        return self.matmul(self.one(dsv3.SwiGLUOp(g, u)), down)
 
     def add(self, a: SSAValue, b: SSAValue) -> SSAValue:
-        return self.one(dsv3.AddOp, [a, b], a.type)
+        return self.one(dsv3.AddOp(a, b))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,22 +184,18 @@ class _LayerEmitter(_Emitter):
 
     def rope(self, x: SSAValue) -> SSAValue:
         r = self.spec.attention.rope
+        layout = dsv3.RopeLayout(r.layout)
         y = r.yarn
-        return self.one(
-            dsv3.RopeOp, [x, self.positions], x.type,
-            theta=float(r.theta), layout=dsv3.RopeLayoutAttr(dsv3.RopeLayout(r.layout)),
-            yarn_factor=None if y is None else float(y.factor),
-            yarn_original_len=None if y is None else int(y.original_len),
-            yarn_beta_fast=None if y is None else float(y.beta_fast),
-            yarn_beta_slow=None if y is None else float(y.beta_slow),
-            yarn_mscale=None if y is None else float(y.mscale),
-            yarn_mscale_all_dim=None if y is None else float(y.mscale_all_dim),
-        )
+        if y is None:
+            return self.one(dsv3.RopeOp(x, self.positions, r.theta, layout))
+        return self.one(dsv3.RopeOp(
+            x, self.positions, r.theta, layout, yarn_factor=y.factor, yarn_original_len=int(y.original_len),
+            yarn_beta_fast=y.beta_fast, yarn_beta_slow=y.beta_slow, yarn_mscale=y.mscale,
+            yarn_mscale_all_dim=y.mscale_all_dim,
+        ))
 
     def split_heads(self, x: SSAValue) -> SSAValue:
-        h = self.spec.attention.heads
-        width = dsv3.shape_of(x)[-1]
-        return self.one(dsv3.SplitHeadsOp, [x], TensorType(self.cdt, [DYN, DYN, h, width // h]), heads=h)
+        return self.one(dsv3.SplitHeadsOp(x, self.spec.attention.heads))
 
     def attention(self, h: SSAValue) -> SSAValue:
         a, p = self.spec.attention, self.p
@@ -252,28 +214,23 @@ class _LayerEmitter(_Emitter):
         kv_up = self.split_heads(self.matmul(c_kv, p["wkv_b"]))
         k_nope = _named(self.slice(kv_up, 0, a.nope_dim), "k_nope")
         v = _named(self.slice(kv_up, a.nope_dim, a.v_dim), "v")
-        o = self.one(dsv3.AttentionOp, [q_nope, q_pe, k_nope, k_pe, v], v.type, scale=softmax_scale(a))
-        o = self.one(dsv3.MergeHeadsOp, [_named(o, "attn")], self.act(a.heads * a.v_dim))
+        o = self.one(dsv3.AttentionOp(q_nope, q_pe, k_nope, k_pe, v, softmax_scale(a)))
+        o = self.one(dsv3.MergeHeadsOp(_named(o, "attn")))
         return _named(self.add(h, self.matmul(o, p["wo"])), "h")
 
     def moe(self, x: SSAValue, m: MoESpec) -> tuple[SSAValue, SSAValue, SSAValue]:
         p = self.p
-        k, e = m.top_k, m.experts
-        router = self.op(
-            dsv3.RouterOp, [x, p["router"], p["router_bias"]],
-            [self.act(k, dtype=F32), self.act(k, dtype=I32), self.act(e, dtype=F32)],
-            score=dsv3.RouterScoreAttr(dsv3.RouterScore(m.score)), top_k=k, groups=m.groups,
-            keep_groups=m.keep_groups, scale=float(m.scale), normalize=m.normalize,
-        )
+        router = self.emit(dsv3.RouterOp(
+            x, p["router"], p["router_bias"], score=dsv3.RouterScore(m.score), top_k=m.top_k, groups=m.groups,
+            keep_groups=m.keep_groups, scale=m.scale, normalize=m.normalize,
+        ))
         names = ("gate_w", "experts", "scores")
         weights, indices, scores = (_named(r, n) for r, n in zip(router.results, names, strict=True))
-        y = self.one(
-            dsv3.ExpertsOp, [x, weights, indices, p["experts_gate"], p["experts_up"], p["experts_down"]], x.type
-        )
+        y = self.one(dsv3.ExpertsOp(x, weights, indices, p["experts_gate"], p["experts_up"], p["experts_down"]))
         if m.shared:
             y = self.add(y, self.swiglu_ffn(x, p["shared_gate"], p["shared_up"], p["shared_down"]))
-        balance = self.one(dsv3.BalanceLossOp, [scores, indices], TensorType(F32, []), alpha=float(m.seq_aux))
-        load = self.one(dsv3.ExpertLoadOp, [indices], TensorType(F32, [e]), experts=e)
+        balance = self.one(dsv3.BalanceLossOp(scores, indices, m.seq_aux))
+        load = self.one(dsv3.ExpertLoadOp(indices, m.experts))
         return y, balance, load
 
     def layer(self, h: SSAValue, kind: str) -> list[SSAValue]:
@@ -289,7 +246,7 @@ class _LayerEmitter(_Emitter):
             extra = [balance, load]
         h = _named(self.add(h, y), "h")
         if self.spec.grad_mask_threshold is not None:
-            h = self.one(dsv3.GradMaskOp, [h], h.type, threshold=float(self.spec.grad_mask_threshold))
+            h = self.one(dsv3.GradMaskOp(h, self.spec.grad_mask_threshold))
         return [h, *extra]
 
 
@@ -308,7 +265,7 @@ def _emit_stack(
     _named(block.args[0], "h")
     names = {d.name: _named(arg, d.name) for d, arg in zip(decls, block.args[1:], strict=True)}
     yielded = _LayerEmitter(block, em.spec, names, positions).layer(block.args[0], kind)
-    block.add_op(dsv3.YieldOp.build(operands=[yielded]))
+    block.add_op(dsv3.YieldOp(yielded))
     result_types = [h.type] + [TensorType(v.type.element_type, [count, *dsv3.shape_of(v)]) for v in yielded[1:]]
     stack = dsv3.LayerStackOp(h, stacked, Region(block), count, kind, result_types)
     em.block.add_op(stack)
@@ -319,32 +276,22 @@ def _emit_moe_outputs(em: _Emitter, balance: SSAValue, load: SSAValue, bias_para
     """The balance loss (summed over layers), the expert load and, when enabled, the router-bias update rule."""
     m = em.spec.moe
     assert m is not None
-    total = em.one(dsv3.SumOp, [balance], TensorType(F32, []))
-    em.block.add_ops([
-        dsv3.OutputOp(total, f"{prefix}balance_loss", dsv3.OutputRole.AUX_LOSS, 1.0),
-        dsv3.OutputOp(load, f"{prefix}expert_load", dsv3.OutputRole.METRIC),
-    ])
+    total = em.one(dsv3.SumOp(balance))
+    em.emit(dsv3.OutputOp(total, f"{prefix}balance_loss", dsv3.OutputRole.AUX_LOSS, 1.0))
+    em.emit(dsv3.OutputOp(load, f"{prefix}expert_load", dsv3.OutputRole.METRIC))
     if m.router_bias and m.bias_rate:
-        em.op(dsv3.BiasUpdateOp, [load], [], param=bias_param, rate=float(m.bias_rate))
+        em.emit(dsv3.BiasUpdateOp(load, bias_param, m.bias_rate))
 
 
 def build_ir(spec: ModelSpec) -> ModuleOp:
     """The whole model as a dsv3 module: an optimizer declaration and `func.func @model(tokens)`."""
     o = spec.optimizer
     module = ModuleOp([])
-    module.body.block.add_op(
-        dsv3.OptimizerOp.build(
-            properties={
-                k: _attr(v)
-                for k, v in dict(
-                    kind=o.kind, lr=float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                    weight_decay=float(o.weight_decay), clip=float(o.clip), moments=o.moments,
-                    schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
-                    min_lr_ratio=float(o.min_lr_ratio),
-                ).items()
-            }
-        )
-    )
+    module.body.block.add_op(dsv3.OptimizerOp(
+        kind=o.kind, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip,
+        moments=o.moments, schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
+        min_lr_ratio=o.min_lr_ratio,
+    ))
     func = FuncOp("model", ([TensorType(I32, [DYN, DYN])], []))
     module.body.block.add_op(func)
     block = func.body.block
@@ -352,11 +299,10 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     tokens = _named(block.args[0], "tokens")
     std = spec.init.std
 
-    mask_t = TensorType(F32, [DYN, DYN])
-    ids, _ = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=0).results
-    positions = _named(em.one(dsv3.PositionsOp, [_named(ids, "ids")], TensorType(I32, [DYN, DYN])), "positions")
+    ids, _ = em.emit(dsv3.TokenWindowOp(tokens, 0)).results
+    positions = _named(em.one(dsv3.PositionsOp(_named(ids, "ids"))), "positions")
     table = em.param(ParamDecl("embed", (spec.vocab, spec.dim), ("vocab", "embed"), std=std))
-    h = em.one(dsv3.EmbedOp, [table, ids], em.act(spec.dim))
+    h = em.one(dsv3.EmbedOp(table, ids, em.cdt))
 
     if spec.dense_layers:
         (h,) = _emit_stack(em, h, positions, "dense", "dense.", spec.dense_layers)
@@ -366,14 +312,14 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
 
     final_norm = em.param(ParamDecl("final_norm", (spec.dim,), ("embed",), "ones"))
     if spec.tied_head:
-        head = em.one(dsv3.TransposeOp, [table], TensorType(em.pdt, [spec.dim, spec.vocab]))
+        head = em.one(dsv3.TransposeOp(table))
     else:
         head = em.param(ParamDecl("head", (spec.dim, spec.vocab), ("embed", "vocab"), std=std))
     logits = em.matmul(em.rms_norm(h, final_norm), head, dtype=F32)
-    em.block.add_op(dsv3.OutputOp(_named(logits, "logits"), "logits", dsv3.OutputRole.LOGITS))
-    labels, label_mask = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=1).results
-    lm_loss = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
-    em.block.add_op(dsv3.OutputOp(lm_loss, "lm_loss", dsv3.OutputRole.LOSS, 1.0))
+    em.emit(dsv3.OutputOp(_named(logits, "logits"), "logits", dsv3.OutputRole.LOGITS))
+    labels, label_mask = em.emit(dsv3.TokenWindowOp(tokens, 1)).results
+    lm_loss = em.one(dsv3.CrossEntropyOp(logits, labels, label_mask))
+    em.emit(dsv3.OutputOp(lm_loss, "lm_loss", dsv3.OutputRole.LOSS, 1.0))
 
     _emit_mtp(em, h, table, head, positions)
     block.add_op(ReturnOp())
@@ -389,7 +335,6 @@ def _emit_mtp(em: _Emitter, h: SSAValue, table: SSAValue, head: SSAValue, positi
     spec = em.spec
     depth, d = spec.mtp.depth, spec.dim
     kind = "dense" if spec.moe is None else "moe"
-    mask_t = TensorType(F32, [DYN, DYN])
     for k in range(1, depth + 1):
         prefix = f"mtp.{k - 1}."
         enorm = em.param(ParamDecl("enorm", (d,), ("embed",), "ones"), prefix)
@@ -397,17 +342,15 @@ def _emit_mtp(em: _Emitter, h: SSAValue, table: SSAValue, head: SSAValue, positi
         eh_proj = em.param(ParamDecl("eh_proj", (2 * d, d), ("mlp", "embed"), std=spec.init.std), prefix)
         norm = em.param(ParamDecl("norm", (d,), ("embed",), "ones"), prefix)
         tokens = em.block.args[0]
-        ids, _ = em.op(dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=k).results
-        e = em.rms_norm(em.one(dsv3.EmbedOp, [table, ids], em.act(d)), enorm)
-        joined = em.one(dsv3.ConcatOp, [e, em.rms_norm(h, hnorm)], em.act(2 * d))
+        ids, _ = em.emit(dsv3.TokenWindowOp(tokens, k)).results
+        e = em.rms_norm(em.one(dsv3.EmbedOp(table, ids, em.cdt)), enorm)
+        joined = em.one(dsv3.ConcatOp(e, em.rms_norm(h, hnorm)))
         h = em.matmul(joined, eh_proj)
         outs = _emit_stack(em, h, positions, kind, f"{prefix}block.", 1)
         h = outs[0]
         logits = em.matmul(em.rms_norm(h, norm), head, dtype=F32)
-        labels, label_mask = em.op(
-            dsv3.TokenWindowOp, [tokens], [TensorType(I32, [DYN, DYN]), mask_t], offset=k + 1
-        ).results
-        ce = em.one(dsv3.CrossEntropyOp, [logits, labels, label_mask], TensorType(F32, []))
-        em.block.add_op(dsv3.OutputOp(ce, "mtp_loss", dsv3.OutputRole.MTP_LOSS, spec.mtp.weight / depth))
+        labels, label_mask = em.emit(dsv3.TokenWindowOp(tokens, k + 1)).results
+        ce = em.one(dsv3.CrossEntropyOp(logits, labels, label_mask))
+        em.emit(dsv3.OutputOp(ce, "mtp_loss", dsv3.OutputRole.MTP_LOSS, spec.mtp.weight / depth))
         if kind == "moe":
             _emit_moe_outputs(em, outs[1], outs[2], f"{prefix}block.router_bias", "mtp_")

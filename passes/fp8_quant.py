@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import BFloat16Type, BoolAttr, Float16Type, Float32Type, ModuleOp, StringAttr, TensorType
+from xdsl.dialects.builtin import BFloat16Type, Float16Type, Float32Type, ModuleOp, TensorType
 from xdsl.ir import Attribute, BlockArgument, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.pattern_rewriter import PatternRewriter, PatternRewriteWalker, RewritePattern, op_type_rewrite_pattern
@@ -106,12 +106,7 @@ def _wide_float(value: SSAValue) -> bool:
 
 
 def _quantize(rewriter: PatternRewriter, value: SSAValue, quant: QuantAttr) -> tuple[SSAValue, SSAValue]:
-    shape = dsv3.shape_of(value)
-    op = QuantizeOp.build(
-        operands=[value],
-        result_types=[TensorType(quant.dtype, shape), TensorType(Float32Type(), scale_shape(shape, quant))],
-        properties={"quant": quant},
-    )
+    op = QuantizeOp(value, quant)
     rewriter.insert(op)
     if value.name_hint:
         op.results[0].name_hint = f"{value.name_hint}_fp8"
@@ -140,11 +135,7 @@ class QuantizeMatmul(RewritePattern):
             w_quant, x_quant, g_quant = r.weights, r.activations, r.gradients
             xq, xs = _quantize(rewriter, op.x, x_quant)
             wq, ws = _quantize(rewriter, op.w, w_quant)
-        matmul = FP8MatmulOp.build(
-            operands=[xq, xs, wq, ws],
-            result_types=[op.result.type],
-            properties={"x_quant": x_quant, "w_quant": w_quant, "grad_quant": g_quant},
-        )
+        matmul = FP8MatmulOp(xq, xs, wq, ws, op.result.type, x_quant=x_quant, w_quant=w_quant, grad_quant=g_quant)
         rewriter.replace(op, matmul)
 
 
@@ -165,11 +156,8 @@ class QuantizeExperts(RewritePattern):
 
 
 def _new_param(like: dsv3.ParamOp, name: str, ty: TensorType, init: str) -> dsv3.ParamOp:
-    props: dict[str, Attribute] = {"name": StringAttr(name), "axes": like.axes, "init": StringAttr(init)}
-    if init == "normal" and like.std is not None:
-        props["std"] = like.std
-    props["trainable"] = BoolAttr.from_bool(False)
-    return dsv3.ParamOp.build(result_types=[ty], properties=props)
+    std = like.std.value.data if init == "normal" and like.std is not None else None
+    return dsv3.ParamOp(name, ty, like.axis_names, init, std, trainable=False)
 
 
 def store_weight_fp8(param: dsv3.ParamOp, quant: QuantAttr) -> None:
@@ -212,10 +200,7 @@ def _widen_uses(values: SSAValue, scales: SSAValue, quant: QuantAttr, wide: Attr
     users = [use for use in values.uses if not isinstance(use.operation, dsv3.LayerStackOp | DequantizeOp)]
     if not users:
         return
-    deq = DequantizeOp.build(
-        operands=[values, scales], result_types=[TensorType(wide, dsv3.shape_of(values))],
-        properties={"quant": quant},
-    )
+    deq = DequantizeOp(values, scales, quant, wide)
     Rewriter.insert_op(deq, where)
     deq.result.name_hint = f"{values.name_hint or 'w'}_wide"
     for use in users:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import IntegerAttr, ModuleOp
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 from xdsl.pattern_rewriter import (
     PatternRewriter,
@@ -40,11 +40,7 @@ class FuseHeadLoss(RewritePattern):
         head = op.logits.owner
         if not isinstance(head, dsv3.MatmulOp):
             return
-        fused = dsv3.HeadLossOp.build(
-            operands=[head.x, head.w, op.labels, op.mask],
-            result_types=[op.result.type],
-            properties={"chunks": IntegerAttr(self.chunks, 64)},
-        )
+        fused = dsv3.HeadLossOp(head.x, head.w, op.labels, op.mask, self.chunks)
         rewriter.replace(op, fused)
         if not head.result.uses:
             rewriter.erase(head)

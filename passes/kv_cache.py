@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, IntegerType, ModuleOp, StringAttr, TensorType
+from xdsl.dialects.builtin import IntegerType, ModuleOp, TensorType
 from xdsl.dialects.func import FuncOp
 from xdsl.ir import Block, Operation, SSAValue
 from xdsl.passes import ModulePass
@@ -48,10 +48,7 @@ def _func(module: ModuleOp, name: str) -> FuncOp | None:
 
 
 def _cache_decl(name: str, axes: tuple[str, ...], shape: list[int], dtype, fill: int | None = None) -> CacheOp:
-    props = {"name": StringAttr(name), "axes": ArrayAttr([StringAttr(a) for a in axes])}
-    if fill is not None:
-        props["fill"] = IntegerAttr(fill, 64)
-    return CacheOp.build(properties=props, result_types=[TensorType(dtype, shape)])
+    return CacheOp(name, axes, TensorType(dtype, shape), fill)
 
 
 def _stack_prefix(stack: dsv3.LayerStackOp) -> str:
@@ -94,7 +91,7 @@ def _thread_caches(
         decls.append(decl)
         arg = block.insert_arg(ty, len(block.args))
         arg.name_hint = f"{local}_cache"
-        update = CacheUpdateOp.build(operands=[arg, value, slot], result_types=[ty])
+        update = CacheUpdateOp(arg, value, slot)
         update.result.name_hint = f"{local}_all"
         Rewriter.insert_op(update, InsertPoint.before(attention))
         updated[local] = update.result
@@ -104,16 +101,15 @@ def _thread_caches(
                               key_positions]
     else:
         assert isinstance(attention, dsv3.AttentionOp)
-        masked = MaskedAttentionOp.build(
-            operands=[attention.q_nope, attention.q_pe, updated["k_nope"], updated["k_pe"], updated["v"], positions,
-                      key_positions],
-            result_types=[attention.result.type], properties={"scale": attention.properties["scale"]},
+        masked = MaskedAttentionOp(
+            attention.q_nope, attention.q_pe, updated["k_nope"], updated["k_pe"], updated["v"], positions,
+            key_positions, attention.float_prop("scale"),
         )
         Rewriter.replace_op(attention, masked)
 
     terminator = block.last_op
     assert isinstance(terminator, dsv3.YieldOp)
-    Rewriter.replace_op(terminator, dsv3.YieldOp.build(operands=[[*terminator.operands, *updated.values()]]))
+    Rewriter.replace_op(terminator, dsv3.YieldOp([*terminator.operands, *updated.values()]))
     old_results = list(stack.results)
     result_types = [r.type for r in old_results] + [d.result.type for d in decls]
     region = stack.detach_region(stack.body)
@@ -129,7 +125,7 @@ def _thread_caches(
         result.name_hint = decl.cname.replace(".", "_") + "_next"
     Rewriter.erase_op(stack)
     stores = [
-        CacheStoreOp.build(operands=[result], properties={"name": StringAttr(decl.cname)})
+        CacheStoreOp(result, decl.cname)
         for decl, result in zip(decls, new_stack.results[len(old_results):], strict=True)
     ]
     Rewriter.insert_op(stores, InsertPoint.after(new_stack))
@@ -183,9 +179,9 @@ def _cache_function(func: FuncOp, positions_cache: str) -> None:
     assert first is not None
     key_pos = _cache_decl(positions_cache, (BATCH_AXIS, SEQ_AXIS), [DYN, DYN], I32, fill=-1)
     key_pos.result.name_hint = positions_cache.replace(".", "_") + "_cache"
-    update = CacheUpdateOp.build(operands=[key_pos.result, positions, slot], result_types=[key_pos.result.type])
+    update = CacheUpdateOp(key_pos.result, positions, slot)
     update.result.name_hint = "key_positions"
-    store = CacheStoreOp.build(operands=[update.result], properties={"name": StringAttr(positions_cache)})
+    store = CacheStoreOp(update.result, positions_cache)
     Rewriter.insert_op([key_pos, update, store], InsertPoint.before(first))
     for stack in [o for o in block.ops if isinstance(o, dsv3.LayerStackOp)]:
         _thread_caches(stack, slot, positions, update.result)

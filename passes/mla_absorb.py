@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import FloatAttr, IntegerAttr, ModuleOp, StringAttr, TensorType, f64
+from xdsl.dialects.builtin import ModuleOp, TensorType
 from xdsl.ir import Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.pattern_rewriter import (
@@ -85,38 +85,27 @@ class AbsorbUpProjection(RewritePattern):
         chain, positions = _match_up_projection(op), _positions(op)
         if chain is None or positions is None:
             return
-        w_type = chain.wkv_b.type
-        assert isinstance(w_type, TensorType)
         latent = dsv3.shape_of(chain.wkv_b)[0]
         h, n, v = chain.heads, chain.nope, chain.v
-        wdt = w_type.element_type
         act = op.q_nope.type
         assert isinstance(act, TensorType)
         batch, seq = dsv3.shape_of(op.q_nope)[:2]
 
-        def new(cls: type[Operation], operands, shape, dtype, **props) -> SSAValue:
-            built = cls.build(operands=operands, result_types=[TensorType(dtype, shape)], properties=props)
+        def new(built: Operation, name: str) -> SSAValue:
             rewriter.insert_op(built)
+            built.results[0].name_hint = name
             return built.results[0]
 
-        w = new(dsv3.SplitHeadsOp, [chain.wkv_b], [latent, h, n + v], wdt, heads=IntegerAttr(h, 64))
-        w.name_hint = "w_ukv"
-        w_uk = new(dsv3.SliceOp, [w], [latent, h, n], wdt, start=IntegerAttr(0, 64), size=IntegerAttr(n, 64))
-        w_uk.name_hint = "w_uk"
-        w_uv = new(dsv3.SliceOp, [w], [latent, h, v], wdt, start=IntegerAttr(n, 64), size=IntegerAttr(v, 64))
-        w_uv.name_hint = "w_uv"
-        cdt = act.element_type
-        q_lat = new(EinsumOp, [op.q_nope, w_uk], [batch, seq, h, latent], cdt, equation=StringAttr("bshd,chd->bshc"))
-        q_lat.name_hint = "q_lat"
-        scale = FloatAttr(op.float_prop("scale"), f64)
+        w = new(dsv3.SplitHeadsOp(chain.wkv_b, h), "w_ukv")
+        w_uk = new(dsv3.SliceOp(w, 0, n), "w_uk")
+        w_uv = new(dsv3.SliceOp(w, n, v), "w_uv")
+        q_lat_type = TensorType(act.element_type, [batch, seq, h, latent])
+        q_lat = new(EinsumOp(op.q_nope, w_uk, "bshd,chd->bshc", q_lat_type), "q_lat")
         o_lat = new(
-            LatentAttentionOp, [q_lat, op.q_pe, chain.c_kv, op.k_pe, positions, positions],
-            [batch, seq, h, latent], cdt, scale=scale,
+            LatentAttentionOp(q_lat, op.q_pe, chain.c_kv, op.k_pe, positions, positions, op.float_prop("scale")),
+            "o_lat",
         )
-        o_lat.name_hint = "o_lat"
-        out = EinsumOp.build(
-            operands=[o_lat, w_uv], result_types=[op.result.type], properties={"equation": StringAttr("bshc,chd->bshd")}
-        )
+        out = EinsumOp(o_lat, w_uv, "bshc,chd->bshd", op.result.type)
         rewriter.replace(op, out)
 
 

@@ -73,7 +73,7 @@ class MTPDraft(ModulePass):
                 body.append(clone)
                 mapping[value] = clone.result
             elif isinstance(owner, dsv3.PositionsOp):
-                positions = dsv3.PositionsOp.build(operands=[next_tokens], result_types=[owner.result.type])
+                positions = dsv3.PositionsOp(next_tokens)
                 positions.result.name_hint = "positions"
                 body.append(positions)
                 mapping[value] = positions.result

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import BoolAttr, DictionaryAttr, IntegerAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import IntegerAttr, ModuleOp
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 from xdsl.utils.exceptions import PassFailedException
@@ -51,8 +51,5 @@ class OverlapPass(ModulePass):
             experts.properties["chunks"] = IntegerAttr(self.chunks, 64)
         for old in [o for o in op.ops if isinstance(o, ScheduleOp)]:
             Rewriter.erase_op(old)
-        options = {k: BoolAttr.from_bool(v) for k, v in PLATFORM_OPTIONS[self.platform].items()}
-        schedule = ScheduleOp.build(
-            properties={"platform": StringAttr(self.platform), "options": DictionaryAttr(options)}
-        )
+        schedule = ScheduleOp(self.platform, PLATFORM_OPTIONS[self.platform])
         Rewriter.insert_op(schedule, InsertPoint.at_start(op.body.block))

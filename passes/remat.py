@@ -42,7 +42,7 @@ from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..dialects import dsv3
-from ..dialects.remat import CheckpointOp, RematAction, RematActionAttr
+from ..dialects.remat import CheckpointOp, RematAction
 from ..dialects.sharding import ShardOp
 from ..frontend.errors import UserError
 
@@ -200,10 +200,7 @@ def _defined_in(value: SSAValue, block: Block) -> bool:
 def _tag(value: SSAValue, name: str, action: RematAction, after: Operation) -> CheckpointOp:
     """Inserts `dsv3.checkpoint` on `value` after `after` and makes every use of the value read it."""
     uses = list(value.uses)
-    tag = CheckpointOp.build(
-        operands=[value], result_types=[value.type],
-        properties={"name": StringAttr(name), "action": RematActionAttr(action)},
-    )
+    tag = CheckpointOp(value, name, action)
     tag.result.name_hint = value.name_hint
     Rewriter.insert_op(tag, InsertPoint.after(after))
     for use in uses:

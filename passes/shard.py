@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp, StringAttr, TensorType
+from xdsl.dialects.builtin import ModuleOp, TensorType
 from xdsl.ir import Block, Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
@@ -141,11 +141,7 @@ class ShardPass(ModulePass):
         rules = parse_rules(self.rules) + DEFAULT_RULES
         _remove_previous_sharding(op)
         Rewriter.insert_op(
-            MeshOp.build(properties={
-                "axes": ArrayAttr([StringAttr(a) for a in mesh]),
-                "shape": ArrayAttr([IntegerAttr(s, 64) for s in mesh.values()]),
-                "mode": StringAttr(self.mode),
-            }),
+            MeshOp(mesh, self.mode),
             InsertPoint.at_start(op.body.block),
         )
         for param in dsv3.walk_params(op):
@@ -202,9 +198,7 @@ def _constrain(value: SSAValue, layout: tuple[str, ...], mesh: dict[str, int], r
 def _insert_shard(value: SSAValue, dims: Sequence[Sequence[str]]) -> None:
     """Routes every use of `value` through a new `dsv3.shard` stating `dims`."""
     uses = list(value.uses)
-    shard = ShardOp.build(
-        operands=[value], result_types=[value.type], properties={"sharding": ShardingAttr.from_axes(dims)}
-    )
+    shard = ShardOp(value, ShardingAttr.from_axes(dims))
     shard.result.name_hint = value.name_hint
     if isinstance(value.owner, Block):
         Rewriter.insert_op(shard, InsertPoint.at_start(value.owner))
