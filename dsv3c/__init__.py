@@ -8,10 +8,10 @@ from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
-from .program import Program, compile, write_dumps
+from .program import Program, compile, prepare, write_dumps
 from .runtime.hf_import import import_hf
 
 __all__ = [
-    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "import_hf", "load", "parse",
+    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "import_hf", "load", "parse", "prepare",
     "write_dumps",
 ]

@@ -127,7 +127,10 @@ class Program:
         self.mode = mode
         self.batch = batch
         self.seq = seq
+        self.devices = devices
         self.dumps: list[tuple[str, str]] = []
+        self.pipeline = ""  # the passes that ran, with every option spelled out
+        self.fp8_state = ("off", "")  # how FP8 GEMMs run, and why
         self.stablehlo = ""
         self.compiled_text = ""
         self.report: dict[str, Any] = {}
@@ -154,7 +157,7 @@ class Program:
             )
             self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
         self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))
-        self._compiled: Any = None
+        self._compiled: Any = None  # compile()'s executable, reused by train_step/forward at the compiled shapes
         # After `dsv3-kv-cache`, @model is one cached inference step: forward, lowering and generation go through
         # the decode runtime.
         self._decoder = Decoder(module, self.mesh, self.explicit) if cache_infos(module) else None
@@ -250,7 +253,17 @@ class Program:
         with self._on_mesh():
             if self._decoder is not None:
                 return self._decoder.forward(params, tokens)
-            return self._forward(params, jnp.asarray(tokens, jnp.int32))
+            tokens = jnp.asarray(tokens, jnp.int32)
+            if self._compiled is not None and self._matches_compiled(params, tokens):
+                return self._compiled(params, tokens)
+            return self._forward(params, tokens)
+
+    def _matches_compiled(self, params: dict[str, Any], tokens: jax.Array) -> bool:
+        """Whether a forward call can run compile()'s executable: one device, and the shapes and dtypes it was
+        compiled for (anything else is jitted anew)."""
+        if self.mesh is not None or tokens.shape != (self.batch, self.seq) or params.keys() != self.infos.keys():
+            return False
+        return all((params[n].shape, params[n].dtype) == (i.shape, i.dtype) for n, i in self.infos.items())
 
     def generate(
         self,
@@ -277,7 +290,7 @@ class Program:
         return out if return_logits or speculative else out.tokens
 
 
-def compile(
+def prepare(
     source: Source,
     target: str = "cpu",
     mode: str = "train",
@@ -292,15 +305,22 @@ def compile(
     rules: str = "",
     fp8: str | None = None,
 ) -> Program:
-    """Compiles a spec, spec path, IR path or IR module for `target`.
+    """Everything `compile` does before lowering: options checked, IR built, the target's passes run and dumped.
+    The returned Program's functions are jitted when first called, and it has no report: for scripts (and tests)
+    that call `loss_and_grads`, `init_params` or `forward` and do not need the ahead-of-time executable."""
+    prog, _ = _prepare(source, target, mode, batch, seq, mesh, shard_mode, pipeline, steps, log or _quiet, devices,
+                       rules, fp8)
+    return prog
 
-    `pipeline` is `default` (the mode's default passes), a `-p` style pass list, or None/"" for no passes. A `mesh`
-    ({"fsdp": 4, "tensor": 2}) adds the shard pass with `shard_mode` and `rules`; without one, a multi-chip target
-    (or `devices` > 1 on cpu) is sharded FSDP over all its chips. `steps` is the run length the learning-rate
-    schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds `dsv3-fp8-quant`;
-    FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked, and are refused
-    otherwise (see `dsv3c/fp8.py`)."""
-    say = log or (lambda _msg: None)
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _prepare(
+    source: Source, target: str, mode: str, batch: int, seq: int, mesh: dict[str, int] | None, shard_mode: str,
+    pipeline: str | None, steps: int, say: Callable[[str], None], devices: int | None, rules: str, fp8: str | None,
+) -> tuple[Program, dict[str, float]]:
     seconds: dict[str, float] = {}
     _check_options(mode, batch, seq, shard_mode)
     fp8 = check_fp8_option(fp8)
@@ -331,6 +351,41 @@ def compile(
 
     device_list = tgt.devices(tgt.device_count(mesh_size(module)))
     prog = Program(module, tgt, device_list, mode, batch, seq, steps)
+    prog.dumps = dumps
+    prog.pipeline = spec
+    prog.fp8_state = (fp8_state, fp8_why)
+    return prog, seconds
+
+
+def compile(
+    source: Source,
+    target: str = "cpu",
+    mode: str = "train",
+    batch: int = 8,
+    seq: int = 128,
+    mesh: dict[str, int] | None = None,
+    shard_mode: str = "auto",
+    pipeline: str | None = "default",
+    steps: int = 1000,
+    log: Callable[[str], None] | None = None,
+    devices: int | None = None,
+    rules: str = "",
+    fp8: str | None = None,
+) -> Program:
+    """Compiles a spec, spec path, IR path or IR module for `target`.
+
+    `pipeline` is `default` (the mode's default passes), a `-p` style pass list, or None/"" for no passes. A `mesh`
+    ({"fsdp": 4, "tensor": 2}) adds the shard pass with `shard_mode` and `rules`; without one, a multi-chip target
+    (or `devices` > 1 on cpu) is sharded FSDP over all its chips. `steps` is the run length the learning-rate
+    schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds `dsv3-fp8-quant`;
+    FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked, and are refused
+    otherwise (see `dsv3c/fp8.py`)."""
+    say = log or _quiet
+    prog, seconds = _prepare(source, target, mode, batch, seq, mesh, shard_mode, pipeline, steps, say, devices,
+                             rules, fp8)
+    tgt, device_list, module = prog.target, prog.devices, prog.module
+    dumps, spec = prog.dumps, prog.pipeline
+    fp8_state, fp8_why = prog.fp8_state
     clock = time.perf_counter()
     lowered = prog.lower()
     prog.stablehlo = lowered.as_text()
@@ -351,7 +406,7 @@ def compile(
         ) from None
     seconds["compile"] = time.perf_counter() - clock
     say(f"compiled with XLA for {tgt.name} on {len(device_list)} device(s) ({seconds['compile']:.2f}s)")
-    if mode == "train" and tgt.local:
+    if mode in ("train", "forward") and tgt.local and prog._decoder is None:
         prog._compiled = compiled
 
     prog.dumps = [*dumps, ("stablehlo", prog.stablehlo), ("compiled", prog.compiled_text)]

@@ -12,7 +12,7 @@ import pytest
 
 import dsv3c
 from dsv3c.dialects.text import parse_ir, print_ir
-from dsv3c.runtime.decode import Decoder, cache_infos, init_caches
+from dsv3c.runtime.decode import Decoder, cache_infos, init_caches, kv_cache_report
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -36,8 +36,8 @@ def test_greedy_generation_equals_transformers(variant):
     """Token for token, for one prompt and for a batch of prompts of lengths 5, 9 and 3 (left-padded together)."""
     spec, params = dsv3c.import_hf(FIXTURES / variant)
     ref = np.load(FIXTURES / variant / "reference.npz")
-    prog = dsv3c.compile(spec, mode="decode", batch=3, seq=48)
-    assert "dsv3-mla-absorb" in prog.report["pipeline"]
+    prog = dsv3c.prepare(spec, mode="decode", batch=3, seq=48)  # generate jits its own loop: no AOT step
+    assert "dsv3-mla-absorb" in prog.pipeline
     np.testing.assert_array_equal(prog.generate(params, ref["prompt"][0], 32), ref["greedy"])
     np.testing.assert_array_equal(prog.generate(params, _prompts(ref), 32), ref["batch_greedy"])
 
@@ -47,8 +47,8 @@ def test_absorbed_and_naive_decoding_agree_at_every_step():
     per-head keys and values: the same tokens, and logits equal to 1e-4 at every step."""
     spec, params = dsv3c.import_hf(FIXTURES / "interleave")
     prompts = _prompts(np.load(FIXTURES / "interleave" / "reference.npz"))
-    absorbed = dsv3c.compile(spec, mode="decode", batch=3, seq=16)
-    naive = dsv3c.compile(spec, mode="decode", batch=3, seq=16, pipeline=NAIVE)
+    absorbed = dsv3c.prepare(spec, mode="decode", batch=3, seq=16)
+    naive = dsv3c.prepare(spec, mode="decode", batch=3, seq=16, pipeline=NAIVE)
     assert set(cache_infos(absorbed.module)) == {"positions", "dense.c_kv", "dense.k_pe", "moe.c_kv", "moe.k_pe"}
     assert set(cache_infos(naive.module)) == {"positions", "dense.k_nope", "dense.k_pe", "dense.v", "moe.k_nope",
                                               "moe.k_pe", "moe.v"}
@@ -63,7 +63,7 @@ def test_absorbed_and_naive_decoding_agree_at_every_step():
 def tiny():
     """`tiny` (MoE with routing groups, MTP dropped) with random weights: a forward and a decode program."""
     fwd = dsv3c.compile(EXAMPLES / "tiny.dsv3", mode="forward", batch=1, seq=8)
-    prog = dsv3c.compile(EXAMPLES / "tiny.dsv3", mode="decode", batch=2, seq=8)
+    prog = dsv3c.prepare(EXAMPLES / "tiny.dsv3", mode="decode", batch=2, seq=8)
     return fwd, prog, fwd.init_params(seed=3)
 
 
@@ -132,8 +132,8 @@ def test_speculative_decoding_with_the_mtp_draft():
     and speculative generation gives exactly transformers' greedy tokens, with the draft acceptance counted."""
     spec, params = dsv3c.import_hf(FIXTURES / "interleave")
     ref = np.load(FIXTURES / "interleave" / "reference.npz")
-    prog = dsv3c.compile(spec, mode="decode", batch=3, seq=48, pipeline=SPECULATIVE)
-    assert prog.report["kv_cache_bytes_per_token_mtp_draft"] == 1 * (16 + 4) * 4  # one MTP layer, latent form
+    prog = dsv3c.prepare(spec, mode="decode", batch=3, seq=48, pipeline=SPECULATIVE)
+    assert kv_cache_report(prog.module)["kv_cache_bytes_per_token_mtp_draft"] == 1 * (16 + 4) * 4  # latent form
 
     decoder = Decoder(prog.module)
     tokens = jnp.asarray(ref["tokens"])
@@ -152,4 +152,4 @@ def test_speculative_decoding_with_the_mtp_draft():
     np.testing.assert_array_equal(out.tokens, ref["batch_greedy"])
     assert 0 < out.drafts_checked <= 3 * 31 and 0 <= out.drafts_accepted <= out.drafts_checked
     with pytest.raises(dsv3c.UserError, match="needs the MTP draft"):
-        dsv3c.compile(spec, mode="decode", batch=1, seq=8).generate(params, [1, 2], 4, speculative=True)
+        dsv3c.prepare(spec, mode="decode", batch=1, seq=8).generate(params, [1, 2], 4, speculative=True)

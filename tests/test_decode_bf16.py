@@ -24,7 +24,7 @@ def test_bf16_batched_greedy_decoding_equals_one_prompt_at_a_time():
     text = TINY.read_text()
     assert "compute f32" in text
     spec = dsv3c.parse(text.replace("compute f32", "compute bf16"), str(TINY))  # params stay f32
-    prog = dsv3c.compile(spec, mode="decode", batch=len(PROMPTS), seq=SEQ)
+    prog = dsv3c.prepare(spec, mode="decode", batch=len(PROMPTS), seq=SEQ)
     params = prog.init_params(seed=3)
     alone = [np.asarray(prog.generate(params, [prompt], NEW_TOKENS))[0] for prompt in PROMPTS]
     tokens = np.asarray(prog.generate(params, PROMPTS, NEW_TOKENS))

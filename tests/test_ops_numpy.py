@@ -514,7 +514,7 @@ class ModelCase:
 
     def __init__(self, name: str, cfg: Config):
         self.name, self.cfg = name, cfg
-        self.prog = dsv3c.compile(dsv3c.parse(spec_text(name, cfg)), mode="train", batch=BATCH, seq=SEQ)
+        self.prog = dsv3c.prepare(dsv3c.parse(spec_text(name, cfg)), mode="train", batch=BATCH, seq=SEQ)
         for seed in range(20):  # the first seed whose routing decisions are all clear of ties
             rng = np.random.default_rng(seed)
             params = random_params(self.prog.infos, rng)
