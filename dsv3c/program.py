@@ -261,7 +261,9 @@ class Program:
     def _matches_compiled(self, params: dict[str, Any], tokens: jax.Array) -> bool:
         """Whether a forward call can run compile()'s executable: one device, and the shapes and dtypes it was
         compiled for (anything else is jitted anew)."""
-        if self.mesh is not None or tokens.shape != (self.batch, self.seq) or params.keys() != self.infos.keys():
+        if self.mode != "forward" or self.mesh is not None or params.keys() != self.infos.keys():
+            return False
+        if tokens.shape != (self.batch, self.seq):
             return False
         return all((params[n].shape, params[n].dtype) == (i.shape, i.dtype) for n, i in self.infos.items())
 
