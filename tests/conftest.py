@@ -1,9 +1,35 @@
-"""Test-session setup: eight simulated CPU devices (for the sharding tests) and the CPU platform only.
+"""Test-session setup: eight simulated CPU devices (for the sharding tests), the CPU platform only, and one XLA
+compilation cache for the whole run.
 
-Both must be set before JAX starts its backends, hence here, at collection time."""
+All must be set before JAX starts its backends, hence here, at collection time. The cache is a fresh directory per
+run, shared by the pytest-xdist workers and the CLI subprocesses (they inherit the environment): a program that two
+tests compile alike (the README's API snippet and the training tests' `tiny`, say) is compiled once."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3c-tests-xla-cache-")
+    os.environ["DSV3C_TESTS_OWN_CACHE"] = "1"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config) -> None:
+    """The run's cache goes with the run (removed by the process that made it, once every worker is done)."""
+    if os.environ.get("DSV3C_TESTS_OWN_CACHE") and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# Files in the order their work starts: the longest first, so that the workers (a whole file each) finish together.
+LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_sharding.py", "test_decode.py", "test_fp8.py",
+                 "test_ir.py", "test_remat.py", "test_targets.py", "test_readme.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

@@ -2,8 +2,9 @@
 
 Two kinds of test: one regression test per hostile input found by fuzzing the code (spec files, hand-edited IR,
 command-line options), each checking the exact `error:` line and exit code 2; and bounded hypothesis fuzzers over
-mutations of the examples, of their IR and of option lists, which accept only success or `SpecError`/`UserError`.
-None of them compiles with XLA: the CLI cases stop before compiling, and the fuzzers stop at IR."""
+mutations of the examples, of their IR and of option lists, which accept only success or `SpecError`/`UserError`;
+and the property that IR which verifies also lowers (changed values and sizes in tiny's IR, traced into a training
+step). None of them compiles with XLA: the CLI cases stop before compiling, the fuzzers at IR or at the trace."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 import dsv3c
 from dsv3c.cli import build_parser, main
 from dsv3c.dialects.text import parse_ir, print_ir
-from dsv3c.frontend.errors import SpecError
+from dsv3c.frontend.errors import Dsv3cError, SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = (EXAMPLES / "tiny.dsv3").read_text()
@@ -337,3 +338,51 @@ def test_fuzz_options_end_in_a_user_error_or_reach_compile(case):
         except Reached:
             return
     assert code == 2, argv
+
+
+# The property behind the verifiers: IR that verifies also lowers. Values in the IR are changed (sizes, counts,
+# choices, rates) so that much of what is drawn still parses; whatever verifies must then go through the CPU
+# pipeline and trace into a training step on tiny shapes, or be refused there with the project's error.
+TWO_LAYER_IR = print_ir(dsv3c.build_ir(dsv3c.parse(TINY.replace("layers 4 {", "layers 2 {"))))
+VALUES = ["0", "1", "2", "3", "4", "5", "7", "8", "9", "16", "17", "31", "32", "33", "64", "-1", "1000"]
+_INTEGER_ATTR = re.compile(r"(?<= = )-?\d+(?= : i64)")
+_TENSOR = re.compile(r"tensor<([^>]*)>")
+
+
+def _resize(text: str, old: str, new: str) -> str:
+    """Every tensor type's dimension `old` becomes `new`: the types stay consistent (the IR parses), the shapes
+    may no longer fit together, which only a verifier can tell."""
+    def dims(match: re.Match) -> str:
+        parts = match.group(1).split("x")
+        return "tensor<" + "x".join(new if part == old else part for part in parts) + ">"
+    return _TENSOR.sub(dims, text)
+
+
+@st.composite
+def _values_changed(draw) -> str:
+    """Tiny's two-layer IR with one or two integer attributes changed (top_k, groups, slice bounds, counts, window
+    offsets, chunks...) and, half the time, one dimension size changed in every tensor type."""
+    text = TWO_LAYER_IR
+    for _ in range(draw(st.integers(1, 2))):
+        matches = list(_INTEGER_ATTR.finditer(text))
+        match = matches[draw(st.integers(0, len(matches) - 1))]
+        text = text[: match.start()] + draw(st.sampled_from(VALUES)) + text[match.end():]
+    if draw(st.booleans()):
+        text = _resize(text, draw(st.sampled_from(["2", "4", "8", "16", "24", "32", "40", "64", "128"])),
+                       draw(st.sampled_from(["1", "3", "8", "16", "32", "48"])))
+    return text
+
+
+@_fuzz(30)
+@given(_values_changed())
+def test_fuzz_ir_that_verifies_also_lowers(text):
+    try:
+        module = parse_ir(text, "fuzz.mlir")
+    except SpecError as err:
+        assert err.path == "fuzz.mlir" and err.message
+        return
+    try:
+        prog = dsv3c.prepare(module, batch=2, seq=8)
+        prog.lower()  # traces the whole training step: every lowering rule runs on the IR's shapes
+    except Dsv3cError as err:
+        assert str(err)
