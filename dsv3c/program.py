@@ -137,6 +137,7 @@ class Program:
         self.infos = param_infos(module)
         self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
+        self.state_shardings: TrainState | None = None  # set below for a program on a mesh
         # Ahead-of-time targets always need a mesh: it is what names the (topology) devices XLA compiles for.
         self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))
         self._optimizer = make_optimizer(module, self.infos, steps)
@@ -149,6 +150,7 @@ class Program:
         else:
             params = param_shardings(module, self.mesh)
             state = state_shardings(jax.eval_shape(self._state_from_seed, 0), params, self.mesh)
+            self.state_shardings = state  # where each leaf of a training state lives (to place restored values)
             tokens = batch_sharding(self.mesh, batch)
             self._init_params = jax.jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
             self._init_state = jax.jit(self._state_from_seed, out_shardings=state)

@@ -92,7 +92,7 @@ class AbsorbUpProjection(RewritePattern):
         batch, seq = dsv3.shape_of(op.q_nope)[:2]
 
         def new(built: Operation, name: str) -> SSAValue:
-            rewriter.insert_op(built)
+            rewriter.insert(built)
             built.results[0].name_hint = name
             return built.results[0]
 

@@ -373,7 +373,7 @@ def _values_changed(draw) -> str:
     return text
 
 
-@_fuzz(30)
+@_fuzz(15)
 @given(_values_changed())
 def test_fuzz_ir_that_verifies_also_lowers(text):
     try:

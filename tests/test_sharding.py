@@ -49,8 +49,7 @@ def test_sharded_loss_and_gradients_match_one_device(name, reference):
     mesh, mode = MESHES[name]
     host, tokens, metrics, grads = reference
     prog = dsv3c.prepare(SPEC, batch=BATCH, seq=SEQ, mesh=mesh, shard_mode=mode)  # the step is jitted, not AOT
-    sharded = prog.init_state(0)  # laid out on the mesh; then overwritten with the reference values
-    state = jax.tree.map(lambda ref, like: jax.device_put(ref, like.sharding), host, sharded)
+    state = jax.tree.map(jax.device_put, host, prog.state_shardings)  # the reference values, laid out on the mesh
     got_metrics, got_grads = prog.loss_and_grads(state, {"tokens": tokens})
     for key in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
         np.testing.assert_allclose(np.asarray(got_metrics[key]), metrics[key], rtol=1e-5, err_msg=key)
