@@ -56,6 +56,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import time_calls  # noqa: E402 - benchmarks/timing.py, beside this script
 
 import dsv3c  # noqa: E402
 
@@ -183,13 +184,7 @@ def measure(prepare: Callable[[], Callable[[], Any]], reps: int, budget: float) 
     clock = time.perf_counter()
     run()
     first = time.perf_counter() - clock
-    times: list[float] = []
-    cpu: list[float] = []
-    while len(times) < reps and not (times and sum(times) >= budget):
-        clock, cpu_clock = time.perf_counter(), time.process_time()
-        run()
-        times.append(time.perf_counter() - clock)
-        cpu.append(time.process_time() - cpu_clock)
+    times, cpu = time_calls(run, reps, budget)
     return {"compile_s": compiled + first, "compile_call_s": compiled, "first_s": first, "times_s": times,
             "cpu_s": cpu, "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu)}
 

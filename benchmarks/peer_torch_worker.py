@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from timing import time_calls  # benchmarks/timing.py, beside this script
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 # Decode warms up on a short generation: the same prefill and cached-step code paths as the timed 128-token calls,
@@ -160,19 +161,11 @@ def decode_fn(model: DeepseekV3ForCausalLM, prompts: torch.Tensor, new_tokens: i
 def timed(run, reps: int, budget: float, warmup=None) -> tuple[float, list[float], list[float]]:
     """(seconds of the warm-up call, wall and process-CPU seconds of each timed call). The warm-up (`run` itself
     unless a cheaper call on the same code paths is given), which pays for lazy initialisation and allocator
-    growth, is left out of the median. Timed calls stop at `reps`, or earlier once they add up to `budget` seconds
-    (at least one): that is how the slowest rows keep the whole run within its time. CPU time counts all threads,
-    which on a shared machine separates the work done from the waiting for a core."""
+    growth, is left out of the median; the timed calls are `timing.time_calls`'."""
     clock = time.perf_counter()
     (warmup or run)()
     first = time.perf_counter() - clock
-    times: list[float] = []
-    cpu: list[float] = []
-    while len(times) < reps and not (times and sum(times) >= budget):
-        clock, cpu_clock = time.perf_counter(), time.process_time()
-        run()
-        times.append(time.perf_counter() - clock)
-        cpu.append(time.process_time() - cpu_clock)
+    times, cpu = time_calls(run, reps, budget)
     return first, times, cpu
 
 
