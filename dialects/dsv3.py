@@ -292,10 +292,16 @@ class ParamOp(_Op):
             std = None if self.std is None else self.std.value.data
             self.expect(std is not None and 0 < std < math.inf, f"'{self.pname}': normal init needs a finite std > 0")
 
+GRAD_DTYPES = ("compute", "f32")
+"""What `dsv3.optimizer`'s `grads` may say."""
+
 
 @irdl_op_definition
 class OptimizerOp(_Op):
-    """AdamW hyper-parameters and learning-rate schedule; `decay_steps = 0` decays over the run's step count."""
+    """AdamW hyper-parameters and learning-rate schedule; `decay_steps = 0` decays over the run's step count.
+    `grads` is the dtype weight gradients are held in between the backward pass and the update: `compute` keeps the
+    dtype their GEMM produced them in (half the memory of f32 under bf16 compute, the same values: the GEMM already
+    rounded them), `f32` widens each layer's gradient as the backward pass produces it."""
 
     name = "dsv3.optimizer"
     kind = prop_def(StringAttr)
@@ -306,6 +312,7 @@ class OptimizerOp(_Op):
     weight_decay = prop_def(FloatAttr)
     clip = prop_def(FloatAttr)
     moments = prop_def(StringAttr)
+    grads = prop_def(StringAttr)
     schedule = prop_def(StringAttr)
     warmup = prop_def(IntegerAttr)
     decay_steps = prop_def(IntegerAttr)
@@ -314,12 +321,13 @@ class OptimizerOp(_Op):
 
     def __init__(
         self, *, kind: str, lr: float, b1: float, b2: float, eps: float, weight_decay: float, clip: float,
-        moments: str, schedule: str, warmup: int, decay_steps: int, min_lr_ratio: float,
+        moments: str, grads: str, schedule: str, warmup: int, decay_steps: int, min_lr_ratio: float,
     ):
         floats = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "clip": clip,
                   "min_lr_ratio": min_lr_ratio}
         super().__init__(properties={
-            "kind": StringAttr(kind), "moments": StringAttr(moments), "schedule": StringAttr(schedule),
+            "kind": StringAttr(kind), "moments": StringAttr(moments), "grads": StringAttr(grads),
+            "schedule": StringAttr(schedule),
             "warmup": _int(warmup), "decay_steps": _int(decay_steps), **{k: _float(v) for k, v in floats.items()},
         })
 
@@ -327,6 +335,7 @@ class OptimizerOp(_Op):
         self.expect(self.kind.data == "adamw", f"unknown optimizer '{self.kind.data}' (only adamw)")
         self.expect(self.schedule.data in ("cosine", "linear", "constant"), f"unknown schedule '{self.schedule.data}'")
         self.expect(self.moments.data in ("f32", "bf16"), "moments must be f32 or bf16")
+        self.expect(self.grads.data in GRAD_DTYPES, f"grads must be one of {', '.join(GRAD_DTYPES)}")
         self.expect_range("lr", 0, low_open=True)
         self.expect_range("b1", 0, 1)
         self.expect_range("b2", 0, 1)

@@ -289,7 +289,7 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     module = ModuleOp([])
     module.body.block.add_op(dsv3.OptimizerOp(
         kind=o.kind, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip,
-        moments=o.moments, schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
+        moments=o.moments, grads=o.grads, schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
         min_lr_ratio=o.min_lr_ratio,
     ))
     func = FuncOp("model", ([TensorType(I32, [DYN, DYN])], []))

@@ -272,6 +272,7 @@ _TRAIN = Block(
                     "weight_decay": _field(_float("weight_decay", NON_NEGATIVE)),
                     "clip": _field(_float("clip", NON_NEGATIVE)),  # 0 turns clipping off
                     "moments": _field(_word("moments", *_DTYPES)),
+                    "grads": _field(_word("grads", "compute", "f32")),
                 }
             ),
         ),

@@ -115,6 +115,7 @@ class OptimizerSpec:
     weight_decay: float = 0.1
     clip: float = 1.0
     moments: DType = "f32"
+    grads: Literal["compute", "f32"] = "compute"
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: int = 0
     decay_steps: int = 0

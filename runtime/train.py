@@ -35,14 +35,22 @@ def apply_bias_updates(biases: dict[str, jax.Array], out: ModelOutputs) -> dict[
 
 
 def _value_and_grad(module: ModuleOp, mesh: jax.sharding.Mesh | None, explicit: bool):
-    """(state, tokens) -> ((loss, ModelOutputs), gradients w.r.t. the trainable parameters)."""
+    """(state, tokens) -> ((loss, ModelOutputs), gradients w.r.t. the trainable parameters, in their dtypes).
+
+    A gradient held in the compute dtype (`runtime/lower/weights.py`) is widened here, where XLA fuses the
+    conversion into its readers (the norm, the update) instead of materialising a wide copy."""
 
     def loss_fn(trainable, fixed, tokens):
         out = run_model(module, {**trainable, **fixed}, tokens, mesh, explicit)
         return out.loss, out
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    return lambda state, tokens: grad_fn(state["params"], state["router_bias"], tokens)
+
+    def value_and_grad(state, tokens):
+        value, grads = grad_fn(state["params"], state["router_bias"], tokens)
+        return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+
+    return value_and_grad
 
 
 def make_loss_and_grads(module: ModuleOp, mesh: jax.sharding.Mesh | None = None, explicit: bool = False):

@@ -14,6 +14,7 @@ from .experts import routed_experts, routed_experts_sharded
 from .fp8 import fp8_expert_gemm
 from .registry import LoweringContext, kernel_impl, register_lowering
 from .tensor import explicit_spec
+from .weights import cast_weight
 
 
 def route(
@@ -65,6 +66,11 @@ def _router(op: dsv3.RouterOp, args, ctx: LoweringContext):
 @register_lowering(dsv3.ExpertsOp)
 def _experts(op: dsv3.ExpertsOp, args, ctx: LoweringContext):
     gemm = fp8_expert_gemm(op, ctx) if op.quantized else kernel_impl(op, Kernel.RAGGED_DOT)
+    if ctx.grads_in_compute_dtype and not op.quantized:
+        # cast before dispatch, so that the weights' gradients leave it in the compute dtype (on a mesh their sum
+        # over devices then runs in that dtype, as the dense layers' does); otherwise each GEMM casts its own
+        dtype = args[0].dtype
+        args = [*args[:3], *(cast_weight(op.operands[i], args[i], dtype, ctx) for i in range(3, 6))]
     mesh = ctx.mesh
     if mesh is not None:
         batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)

@@ -74,7 +74,8 @@ class Output(NamedTuple):
 @dataclass
 class LoweringContext:
     """What rules share while one program is traced: the parameters by name, the device mesh (None on one device)
-    and whether its axes are explicit, how FP8 GEMMs run (`fp8_backend`, from the module), the named outputs
+    and whether its axes are explicit, how FP8 GEMMs run (`fp8_backend`, from the module), whether weight gradients
+    keep the compute dtype (`grads_in_compute_dtype`, from the optimizer, `runtime/lower/weights.py`), the named outputs
     collected so far, the bias updates to apply after the step, the environment of values in scope, and for inference
     steps the caches read (`caches`) and written back (`cache_stores`) by name."""
 
@@ -82,6 +83,7 @@ class LoweringContext:
     mesh: jax.sharding.Mesh | None = None
     explicit: bool = False
     fp8_backend: str = "exact"
+    grads_in_compute_dtype: bool = False
     outputs: list[Output] = field(default_factory=list)
     bias_updates: list[tuple[str, jax.Array, float]] = field(default_factory=list)
     env: MutableMapping[SSAValue, jax.Array] = field(default_factory=dict)
@@ -93,7 +95,13 @@ class LoweringContext:
     def for_module(cls, module: ModuleOp, params: dict[str, jax.Array], **fields: Any) -> LoweringContext:
         """A context for lowering `module`, with what its module-level attributes decide."""
         backend = module.attributes.get(FP8_BACKEND_ATTR)
-        return cls(params=params, fp8_backend=backend.data if isinstance(backend, StringAttr) else "exact", **fields)
+        optimizer = next((op for op in module.ops if isinstance(op, dsv3.OptimizerOp)), None)
+        return cls(
+            params=params,
+            fp8_backend=backend.data if isinstance(backend, StringAttr) else "exact",
+            grads_in_compute_dtype=optimizer is not None and optimizer.grads.data == "compute",
+            **fields,
+        )
 
 
 class LoweringError(Exception):

@@ -10,6 +10,7 @@ from ...dialects import dsv3
 from ...dialects.sharding import BATCH_AXES
 from .dtypes import result_dtype
 from .registry import LoweringContext, register_lowering
+from .weights import cast_weight
 
 
 def token_window(tokens: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
@@ -53,15 +54,16 @@ def explicit_spec(value: jax.Array) -> tuple:
 @register_lowering(dsv3.MatmulOp)
 def _matmul(op: dsv3.MatmulOp, args, ctx: LoweringContext):
     x, w = args
+    w = cast_weight(op.operands[1], w, x.dtype, ctx)
     out = result_dtype(op.result)
     accumulate = jnp.promote_types(x.dtype, out)
     if ctx.explicit and ctx.mesh is not None:
         # a contraction over a tensor-sharded dimension is ambiguous in explicit mode: the result keeps x's leading
         # layout and w's output-dimension layout (so row-parallel layers end in a reduction)
         layout = PartitionSpec(*explicit_spec(x)[:-1], explicit_spec(w)[-1])
-        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate, out_sharding=layout)
+        y = jnp.matmul(x, w, preferred_element_type=accumulate, out_sharding=layout)
     else:
-        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulate)
+        y = jnp.matmul(x, w, preferred_element_type=accumulate)
     return [y.astype(out)]
 
 
