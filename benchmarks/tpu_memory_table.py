@@ -1,11 +1,13 @@
 """deepseek3-test on tpu-v5p-8 (batch 4, seq 2048), ahead of time: dsv3c's memory per device beside MaxText's, in one
 run on this host (REFERENCE.md sections 7 and 9).
 
-    python benchmarks/tpu_memory_table.py [--rows fsdp4,fsdp2tp2,fsdp4-full] [--maxtext TOOL]
+    python benchmarks/tpu_memory_table.py [--rows fsdp4,fsdp2tp2,fsdp4-grads-f32] [--maxtext TOOL]
 
 Each dsv3c row is `dsv3c compile examples/deepseek3-test.dsv3 --target tpu-v5p-8 --mesh MESH --batch 4 --seq 2048
-[-p PIPELINE] --report R` in a fresh process; each MaxText row is its own `train_compile` through the shared tool
-(MaxText's default `remat_policy: full`). Prints a markdown table with temp ratios, ready for RESULTS.md.
+[-p PIPELINE] --report R` in a fresh process (`-grads-f32` rows compile the spec with `train { optimizer adamw {
+grads f32 } }` added: weight gradients widened as they are produced, as before `grads compute`); each MaxText row is
+its own `train_compile` through the shared tool (MaxText's default `remat_policy: full`). Prints a markdown table with
+temp ratios, ready for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ MiB = 1 << 20
 ROWS = {
     # name: (mesh, pipeline or None for the target's default, MaxText row it is compared with)
     "fsdp4": ("fsdp=4", None, "fsdp4"),
-    "fsdp4-full": ("fsdp=4", "dsv3-remat{policy=full}", "fsdp4"),
-    "fsdp2tp2-full": ("fsdp=2,tensor=2", "dsv3-remat{policy=full}", "fsdp2tp2"),
+    "fsdp4-grads-f32": ("fsdp=4", None, "fsdp4"),
     "fsdp4-deepseek": ("fsdp=4", "dsv3-remat{policy=deepseek}", "fsdp4"),
     "fsdp2tp2": ("fsdp=2,tensor=2", None, "fsdp2tp2"),
+    "fsdp2tt2": ("fsdp=2,tensor_transpose=2", None, "fsdp2tt2"),
 }
-MAXTEXT = {"fsdp4": ["ici_fsdp_parallelism=4"], "fsdp2tp2": ["ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]}
+MAXTEXT = {
+    "fsdp4": ["ici_fsdp_parallelism=4"],
+    "fsdp2tp2": ["ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"],
+    "fsdp2tt2": ["ici_fsdp_parallelism=2", "ici_tensor_transpose_parallelism=2"],
+}
+SPEC = ROOT / "examples/deepseek3-test.dsv3"
+GRADS_F32 = "\ntrain { optimizer adamw { grads f32 } }\n"
 
 
-def dsv3c_row(mesh: str, pipeline: str | None) -> dict:
+def dsv3c_row(mesh: str, pipeline: str | None, grads_f32: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "r.json"
-        command = [sys.executable, "-m", "dsv3c", "compile", str(ROOT / "examples/deepseek3-test.dsv3"),
+        report, spec = Path(tmp) / "r.json", SPEC
+        if grads_f32:
+            spec = Path(tmp) / SPEC.name
+            spec.write_text(SPEC.read_text() + GRADS_F32)
+        command = [sys.executable, "-m", "dsv3c", "compile", str(spec),
                    "--target", "tpu-v5p-8", "--mesh", mesh, "--batch", "4", "--seq", "2048", "--report", str(report)]
         if pipeline:
             command += ["-p", pipeline]
@@ -64,15 +75,17 @@ def main() -> None:
     for name in dict.fromkeys(ROWS[n][2] for n in names):
         print(f"MaxText {name} ...", file=sys.stderr, flush=True)
         anchors[name] = maxtext_row(args.maxtext, name)
-    print("| mesh | dsv3c pipeline | dsv3c temp | dsv3c total | MaxText temp | MaxText total | temp ratio | "
+    print("| mesh | dsv3c pipeline, grads | dsv3c temp | dsv3c total | MaxText temp | MaxText total | temp ratio | "
           "dsv3c / MaxText compile |")
     print("|---|---|---|---|---|---|---|---|")
     for name in names:
         mesh, pipeline, anchor = ROWS[name]
         print(f"dsv3c {name} ...", file=sys.stderr, flush=True)
-        ours, theirs = dsv3c_row(mesh, pipeline), anchors[anchor]
+        grads_f32 = name.endswith("-grads-f32")
+        ours, theirs = dsv3c_row(mesh, pipeline, grads_f32), anchors[anchor]
         ratio = ours["temp"] / theirs["temp"]
-        print(f"| {mesh} | {pipeline or 'default'} | {ours['temp']:,.0f} | {ours['total']:,.0f} "
+        setting = f"{pipeline or 'default'}, {'f32' if grads_f32 else 'compute'}"
+        print(f"| {mesh} | {setting} | {ours['temp']:,.0f} | {ours['total']:,.0f} "
               f"| {theirs['temp']:,.0f} | {theirs['total']:,.0f} | **{ratio:.2f}x** "
               f"| {ours['wall']:.0f} s / {theirs['wall']:.0f} s |", flush=True)
 
