@@ -138,6 +138,8 @@ class Program:
         self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
         self.state_shardings: TrainState | None = None  # set below for a program on a mesh
+        self._param_shardings: dict[str, jax.sharding.Sharding] | None = None
+        self._token_sharding: jax.sharding.Sharding | None = None
         # Ahead-of-time targets always need a mesh: it is what names the (topology) devices XLA compiles for.
         self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))
         self._optimizer = make_optimizer(module, self.infos, steps)
@@ -152,6 +154,7 @@ class Program:
             state = state_shardings(jax.eval_shape(self._state_from_seed, 0), params, self.mesh)
             self.state_shardings = state  # where each leaf of a training state lives (to place restored values)
             tokens = batch_sharding(self.mesh, batch)
+            self._param_shardings, self._token_sharding = params, tokens
             self._init_params = jax.jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
             self._init_state = jax.jit(self._state_from_seed, out_shardings=state)
             self._train_step = jax.jit(
@@ -184,11 +187,23 @@ class Program:
 
     # -- abstract shapes -----------------------------------------------------------------------------------------
 
+    # On a mesh the shapes carry their shardings: under explicit axes a shape without one is traced as replicated,
+    # so the program would gather every weight whole (and jit's in_shardings would only reshard at its entry).
+
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self._state_from_seed, 0)
+        shapes = jax.eval_shape(self._state_from_seed, 0)
+        if self.state_shardings is None:
+            return shapes
+        return jax.tree.map(_with_sharding, shapes, self.state_shardings)
 
     def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return {name: jax.ShapeDtypeStruct(i.shape, i.dtype) for name, i in self.infos.items()}
+        shapes = {name: jax.ShapeDtypeStruct(i.shape, i.dtype) for name, i in self.infos.items()}
+        if self._param_shardings is None:
+            return shapes
+        return jax.tree.map(_with_sharding, shapes, self._param_shardings)
+
+    def _abstract_tokens(self, length: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((self.batch, length), jnp.int32, sharding=self._token_sharding)
 
     def lower(self):
         """Lowers the program's main function (train step or forward) from shapes alone."""
@@ -196,10 +211,8 @@ class Program:
             if self._decoder is not None:  # prefill: S = seq; decode: one token over a cache of seq
                 return self._decoder.lower(self.abstract_params(), self.batch, self.seq, self.mode)
             if self.mode == "train":
-                tokens = jax.ShapeDtypeStruct((self.batch, self.seq + 1), jnp.int32)
-                return self._train_step.lower(self.abstract_state(), {"tokens": tokens})
-            tokens = jax.ShapeDtypeStruct((self.batch, self.seq), jnp.int32)
-            return self._forward.lower(self.abstract_params(), tokens)
+                return self._train_step.lower(self.abstract_state(), {"tokens": self._abstract_tokens(self.seq + 1)})
+            return self._forward.lower(self.abstract_params(), self._abstract_tokens(self.seq))
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -292,6 +305,10 @@ class Program:
             out = self._decoder.generate(params, prompt_ids, max_new_tokens, temperature, seed, eos_id,
                                          return_logits=return_logits, speculative=speculative)
         return out if return_logits or speculative else out.tokens
+
+
+def _with_sharding(shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
 
 def prepare(
