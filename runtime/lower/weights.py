@@ -16,6 +16,7 @@ import numpy as np
 from xdsl.ir import BlockArgument, OpResult, SSAValue
 
 from ...dialects import dsv3
+from ...dialects.sharding import ShardOp
 from .registry import LoweringContext
 
 
@@ -38,10 +39,13 @@ _cast_keeping_gradient_dtype.defvjp(_cast_forward, _cast_backward)
 
 
 def _is_weight_read_once(value: SSAValue) -> bool:
-    """A parameter, or a layer's slice of a stacked one, that nothing but this op reads: its whole gradient comes
-    from one GEMM, so keeping that GEMM's dtype rounds nothing (a second reader's gradient would be summed in it)."""
+    """A parameter, or a layer's slice of a stacked one, that nothing but this op reads (possibly through a change of
+    layout, as explicit sharding gathers weights where they are used): its whole gradient comes from one GEMM, so
+    keeping that GEMM's dtype rounds nothing (a second reader's gradient would be summed in it)."""
     if not value.has_one_use():
         return False
+    if isinstance(value, OpResult) and isinstance(value.op, ShardOp):
+        return _is_weight_read_once(value.op.x)
     if isinstance(value, OpResult):
         return isinstance(value.op, dsv3.ParamOp)
     if isinstance(value, BlockArgument):
