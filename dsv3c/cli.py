@@ -277,6 +277,28 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    check_input(args.input)
+    if Path(args.input).suffix == ".mlir":
+        raise UserError("export-hf needs the model's .dsv3 spec (config.json is written from it), not IR")
+    check_read_dir(args.ckpt, "--ckpt")
+    check_write_dir(args.output, "-o")
+    if args.tokenizer:
+        check_input(args.tokenizer, "--tokenizer")
+    from .frontend.parser import load
+    from .runtime.hf_export import export_hf, params_from_checkpoint
+
+    spec = load(args.input)
+    params = params_from_checkpoint(args.ckpt, ema=args.ema)
+    out = export_hf(spec, params, args.output, fp8=args.fp8, shard_bytes=args.shard_mb << 20,
+                    block=args.block, tokenizer=args.tokenizer)
+    shards = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    what = f"FP8 (E4M3, {args.block}x{args.block} blocks)" if args.fp8 else spec.dtypes.params
+    _log(f"wrote {out}: config.json and {len(shards)} shard(s), {size / 2**20:,.1f} MiB, weights in {what}")
+    return 0
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -442,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-o", dest="output", required=True, metavar="OUT.dsv3", help="the spec to write")
     h.add_argument("--params", metavar="DIR", help="also write the parameters in the IR's layout (params.safetensors)")
     h.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype; default: the config's")
+
+    x = command("export-hf", "write a trained model as a HuggingFace DeepSeek-V3 directory (the inverse of "
+                "import-hf)", _cmd_export_hf)
+    x.add_argument("input", metavar="INPUT", help="the model's .dsv3 spec")
+    x.add_argument("--ckpt", required=True, metavar="DIR",
+                   help="training checkpoint (its latest step) or `import-hf --params` directory")
+    x.add_argument("-o", dest="output", required=True, metavar="HF_DIR", help="directory to create (absent or empty)")
+    x.add_argument("--ema", action="store_true", help="export the checkpoint's EMA of the parameters")
+    x.add_argument("--fp8", action="store_true",
+                   help="store Linear weights as FP8 E4M3 with weight_scale_inv blocks, as DeepSeek-V3's release")
+    x.add_argument("--block", type=int_at_least(1), default=128, help="FP8 scale block (rows = columns)")
+    x.add_argument("--shard-mb", type=int_at_least(1), default=5120, metavar="MB", help="largest shard")
+    x.add_argument("--tokenizer", metavar="tokenizer.json", help="copy this tokenizer into the directory")
 
     command("passes", "list the passes, their options with defaults, and the default pipelines", _cmd_passes)
     return parser
