@@ -52,7 +52,10 @@ class PackedBatches:
         if shuffle:
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(None).map(lambda i: {"tokens": encode(int(i))})
-        packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": length})
+        # A few documents are read and tokenized ahead by one thread: Grain's default (16 threads, 500 documents)
+        # would tokenize a whole small corpus before the first step and fight the training step for the cores.
+        ahead = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+        packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(ahead), length_struct={"tokens": length})
         self._dataset = packed.map(_mark_document_starts).batch(rows, drop_remainder=True)
         self._iter = iter(self._dataset)
         self.rows, self.length, self.step = rows, length, 0
