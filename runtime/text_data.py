@@ -1,5 +1,5 @@
 """Training batches from real corpora through Grain: documents -> held-out split -> process shard -> seeded shuffle
--> tokens -> packed sequences -> batches, resumable exactly from a small JSON state.
+-> tokens -> packed sequences, one stream per row -> batches, resumable exactly from a small JSON state.
 
 Grain does the index arithmetic (shuffle, shard, repeat) and the packing (`ConcatThenSplitIterDataset`: documents
 concatenated and cut into sequences of exactly `length` tokens, a long document continuing in the next sequence),
@@ -39,25 +39,41 @@ def _mark_document_starts(element: dict[str, np.ndarray]) -> np.ndarray:
 
 class PackedBatches:
     """Batches [rows, length] of packed documents `indices` of `documents` (this process's share: every
-    `shard[1]`-th document from `shard[0]`), shuffled with `seed` each epoch (or in order), repeated forever."""
+    `shard[1]`-th document from `shard[0]`), repeated forever.
+
+    With `shuffle`, each row of a batch is a stream of its own, over every `rows`-th of those documents (all of
+    them when there are fewer documents than rows) shuffled with its own seed each epoch: a long document then
+    continues down one row from batch to batch instead of filling a whole batch with one source file. Without it
+    (held-out data), one stream in document order is cut into batches."""
 
     def __init__(self, documents: Any, encode: Callable[[int], np.ndarray], indices: np.ndarray, rows: int,
                  length: int, seed: int, shuffle: bool, shard: tuple[int, int] = (0, 1)):
         import grain
         from grain.experimental import ConcatThenSplitIterDataset
 
-        ds = grain.MapDataset.source(np.asarray(indices, np.int64))[shard[0] :: shard[1]]
-        if len(ds) == 0:
+        mine = np.asarray(indices, np.int64)[shard[0] :: shard[1]]
+        if len(mine) == 0:
             raise UserError(f"process {shard[0]} of {shard[1]} gets no document ({len(indices)} in the split)")
+
+        def stream(docs: np.ndarray, stream_seed: int | None) -> Any:
+            ds = grain.MapDataset.source(docs)
+            if stream_seed is not None:
+                ds = ds.shuffle(seed=stream_seed)
+            ds = ds.repeat(None).map(lambda i: {"tokens": encode(int(i))})
+            # Documents are read and tokenized when a sequence needs them, on this thread: Grain's default
+            # prefetching (16 threads, 500 documents) would tokenize a small corpus many times over before the
+            # first step and fight the training step for the cores.
+            sync = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+            packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(sync), length_struct={"tokens": length})
+            return packed.map(_mark_document_starts)
+
         if shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(None).map(lambda i: {"tokens": encode(int(i))})
-        # A few documents are read and tokenized ahead by one thread: Grain's default (16 threads, 500 documents)
-        # would tokenize a whole small corpus before the first step and fight the training step for the cores.
-        ahead = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-        packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(ahead), length_struct={"tokens": length})
-        self._dataset = packed.map(_mark_document_starts).batch(rows, drop_remainder=True)
-        self._iter = iter(self._dataset)
+            split = len(mine) >= rows
+            self._datasets = [stream(mine[r::rows] if split else mine, (seed * 65537 + r) % 2**32)
+                              for r in range(rows)]
+        else:
+            self._datasets = [stream(mine, None).batch(rows, drop_remainder=True)]
+        self._iters = [iter(ds) for ds in self._datasets]
         self.rows, self.length, self.step = rows, length, 0
         digest = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
         self.fingerprint = {"documents": len(documents), "split": digest, "rows": rows, "length": length,
@@ -65,19 +81,23 @@ class PackedBatches:
 
     def next(self) -> np.ndarray:
         self.step += 1
-        return next(self._iter)
+        if len(self._iters) == 1:
+            return next(self._iters[0])
+        return np.stack([next(it) for it in self._iters])
 
     def get_state(self) -> dict[str, Any]:
-        """Where the stream is: JSON-serialisable, a few integers (Grain's iterator state) and what it is over."""
-        return {"step": self.step, "grain": self._iter.get_state(), "fingerprint": self.fingerprint}
+        """Where the stream is: JSON-serialisable, a few integers per row (Grain's iterator states) and what it is
+        over."""
+        return {"step": self.step, "grain": [it.get_state() for it in self._iters], "fingerprint": self.fingerprint}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues exactly where `get_state` was taken: the same batches follow."""
         if state.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
             raise UserError(f"the checkpoint's data position is for another data set or batch shape "
                             f"({state.get('fingerprint')}; this run: {self.fingerprint})")
-        self._iter = iter(self._dataset)
-        self._iter.set_state(state["grain"])
+        self._iters = [iter(ds) for ds in self._datasets]
+        for it, row_state in zip(self._iters, state["grain"], strict=True):
+            it.set_state(row_state)
         self.step = int(state["step"])
 
 

@@ -157,9 +157,12 @@ def test_model_learns_the_text_and_resumes_mid_epoch(tokenizer, tmp_path):
         return open_data(data, VOCAB, batch=8, seq=32, seed=0, shard=(0, 1))
 
     run = stream()
-    whole = train(prog, 40, run, evaluate=held_out_loss(prog, run.held_out), eval_every=10)
+    evaluate = held_out_loss(prog, run.held_out)
+    untrained = evaluate(prog.init_state(0))["eval_loss"]
+    whole = train(prog, 40, run, evaluate=evaluate, eval_every=10)
     evals = [m["eval_loss"] for _, m in whole.evals]
-    assert len(evals) == 4 and evals[-1] < evals[0] - 0.5 and evals[0] < np.log(VOCAB) + 0.5, evals
+    # an untrained model is near uniform over the vocabulary; trained, it predicts held-out text far better
+    assert abs(untrained - np.log(VOCAB)) < 0.3 and len(evals) == 4 and evals[-1] < untrained - 0.8, evals
     assert np.isclose(whole.evals[-1][1]["eval_ppl"], np.exp(evals[-1]))
 
     ckpt = tmp_path / "ckpt"
