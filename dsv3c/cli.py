@@ -142,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         read_token_ids(args.data)
     _prepare_platform(args)  # before JAX starts a backend
     from .program import compile, load_module
-    from .progress import check_plotting, live_line, observers_for, plot_curves
+    from .progress import check_plotting, live_line, observers_for, plot_curves, printer
     from .runtime.evaluate import held_out_loss
     from .runtime.loop import load_balance, train
 
@@ -164,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         history = train(
             prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
-            save_every=args.save_every, log_every=args.log_every, log=print, metrics_path=args.metrics,
+            save_every=args.save_every, log_every=args.log_every, log=printer(observers), metrics_path=args.metrics,
             evaluate=held_out_loss(prog, held_out) if held_out else None,
             eval_every=data.eval_every if held_out else 0, observers=observers,
         )

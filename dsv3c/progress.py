@@ -100,6 +100,19 @@ class TensorBoard:
         self.writer.close()
 
 
+def printer(observers: list[Any]) -> Any:
+    """`print` for the run's log lines that first clears a progress bar's line, so that a line printed between two
+    redraws of the bar starts at the left margin instead of after the bar."""
+    bars = [o for o in observers if isinstance(o, ProgressBar)]
+
+    def say(message: str) -> None:
+        for bar in bars:
+            bar.close()
+        print(message, flush=True)
+
+    return say
+
+
 def observers_for(steps: int, tokens_per_step: int, tensorboard: str | None) -> list[Any]:
     """The watchers a `train` invocation asked for: the bar on a terminal, TensorBoard with a directory."""
     observers: list[Any] = [ProgressBar(steps, tokens_per_step)] if _terminal() else []
