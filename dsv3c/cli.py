@@ -153,10 +153,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_plotting()
     observers = observers_for(args.steps, args.batch * args.seq, args.tensorboard)
 
-    with live_line("compiling"):
+    with live_line("compiling", _log) as log:
         prog = compile(
             args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq,
-            steps=_schedule_steps(args), log=_log, mesh=mesh, shard_mode=args.shard_mode, devices=args.devices,
+            steps=_schedule_steps(args), log=log, mesh=mesh, shard_mode=args.shard_mode, devices=args.devices,
             rules=args.rules, fp8=args.fp8,
         )
     data = data or SyntheticStream(prog.report["vocab"], args.seed)

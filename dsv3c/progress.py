@@ -11,7 +11,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +23,30 @@ def _terminal() -> bool:
 
 
 @contextlib.contextmanager
-def live_line(label: str) -> Iterator[None]:
-    """While the block runs (a compile of up to minutes), a terminal shows `label` and the seconds so far."""
+def live_line(label: str, log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+    """While the block runs (a compile of up to minutes), a terminal shows `label` and the seconds so far on one
+    line. Yields the `log` to use meanwhile: it clears that line before each message."""
     if not _terminal():
-        yield
+        yield log
         return
-    done = threading.Event()
+    done, lock = threading.Event(), threading.Lock()
     start = time.perf_counter()
 
     def tick() -> None:
         while not done.wait(0.5):
-            sys.stderr.write(f"\r{label} ... {time.perf_counter() - start:.0f}s")
-            sys.stderr.flush()
+            with lock:
+                sys.stderr.write(f"\r{label} ... {time.perf_counter() - start:.0f}s\033[K")
+                sys.stderr.flush()
+
+    def say(message: str) -> None:
+        with lock:
+            sys.stderr.write("\r\033[K")
+            log(message)
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
     try:
-        yield
+        yield say
     finally:
         done.set()
         thread.join()

@@ -124,6 +124,19 @@ def test_token_files_and_bad_input(tmp_path, tokenizer):
     assert len(jsonl) == 2 and jsonl[0] == "a"
     with pytest.raises(dsv3c.UserError, match="no string field 'text'"):
         jsonl[1]
+    assert main(["tokenizer", CORPUS, "-o", str(tmp_path / "t.json"), "--vocab", "100"]) == 2
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_array_record_documents(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+    for text in ("héllo", "wörld", "!"):
+        writer.write(text.encode())
+    writer.close()
+    docs = TextDocuments(expand(str(tmp_path / "*.array_record"), "--text"))
+    assert [docs[i] for i in range(len(docs))] == ["héllo", "wörld", "!"]
 
 
 def test_data_block_in_the_spec(tmp_path):
