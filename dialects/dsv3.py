@@ -479,7 +479,9 @@ class BiasUpdateOp(_Op):
 @irdl_op_definition
 class TokenWindowOp(_Op):
     """From a token batch [B, T], the window [B, T-1] starting at `offset`, with a float mask that is 0 where the
-    window runs past the end (multi-token prediction targets)."""
+    window runs past the end (multi-token prediction targets) or across a document boundary. Packed batches mark
+    the first token of each document in-band, as -(id + 1): the ids are the decoded ones, and a position whose
+    target lies in a later document than itself (a document starts in (i, i + offset]) is masked out of the loss."""
 
     name = "dsv3.token_window"
     tokens = operand_def(TensorType)

@@ -9,9 +9,10 @@ from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
 from .program import Program, compile, prepare, write_dumps
+from .runtime.hf_export import export_hf
 from .runtime.hf_import import import_hf
 
 __all__ = [
-    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "import_hf", "load", "parse", "prepare",
-    "write_dumps",
+    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "export_hf", "import_hf", "load", "parse",
+    "prepare", "write_dumps",
 ]

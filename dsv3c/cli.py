@@ -136,26 +136,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --ckpt DIR (the directory to resume from)")
     check_write_dir(args.ckpt, "--ckpt")
     check_output_file(args.metrics, "--metrics")
+    check_output_file(args.plot, "--plot")
+    check_write_dir(args.tensorboard, "--tensorboard")
     if args.data:
         read_token_ids(args.data)
     _prepare_platform(args)  # before JAX starts a backend
     from .program import compile, load_module
+    from .progress import check_plotting, live_line, observers_for, plot_curves, printer
+    from .runtime.evaluate import held_out_loss
     from .runtime.loop import load_balance, train
 
-    # Token ids are checked against the vocabulary before compiling; parsing the model twice costs milliseconds.
-    data = TokenFile(args.data, _vocab_of(load_module(args.input)), args.seed) if args.data else None
+    # Data are checked against the vocabulary before compiling; parsing the model twice costs milliseconds.
+    vocab = _vocab_of(load_module(args.input))
+    data = TokenFile(args.data, vocab, args.seed) if args.data else _text_data(args, vocab)
+    if args.plot:
+        check_plotting()
+    observers = observers_for(args.steps, args.batch * args.seq, args.tensorboard)
 
-    prog = compile(
-        args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq, steps=_schedule_steps(args),
-        log=_log,
-        mesh=mesh, shard_mode=args.shard_mode, devices=args.devices, rules=args.rules,
-        fp8=args.fp8,
-    )
+    with live_line("compiling", _log) as log:
+        prog = compile(
+            args.input, target=args.target, mode="train", batch=args.batch, seq=args.seq,
+            steps=_schedule_steps(args), log=log, mesh=mesh, shard_mode=args.shard_mode, devices=args.devices,
+            rules=args.rules, fp8=args.fp8,
+        )
     data = data or SyntheticStream(prog.report["vocab"], args.seed)
-    history = train(
-        prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
-        save_every=args.save_every, log_every=args.log_every, log=print, metrics_path=args.metrics,
-    )
+    held_out = getattr(data, "held_out", None)
+    try:
+        history = train(
+            prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
+            save_every=args.save_every, log_every=args.log_every, log=printer(observers), metrics_path=args.metrics,
+            evaluate=held_out_loss(prog, held_out) if held_out else None,
+            eval_every=data.eval_every if held_out else 0, observers=observers,
+        )
+    finally:
+        for observer in observers:
+            observer.close()
+    if args.plot:
+        plot_curves(history, args.plot)
+        _log(f"wrote {args.plot}")
     if history.metrics:
         first, last = history.metrics[0]["loss"], history.metrics[-1]["loss"]
         line = f"done: loss {first:.4f} -> {last:.4f} over steps {history.steps[0]}..{history.steps[-1]}"
@@ -163,6 +181,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
             balance = ", ".join(f"{x:.2f}" for x in load_balance(history.expert_load))
             line += f"; expert load max/mean per MoE layer {balance}"
         print(line)
+    return 0
+
+
+def _text_data(args: argparse.Namespace, vocab: int):
+    """The Grain stream the data options and the spec's `train { data { ... } }` block describe, or None (the
+    synthetic stream) when neither names any data. Everything is opened and checked here, before compiling."""
+    from .frontend.spec import DataSpec
+    from .runtime.text_data import open_data, resolve
+
+    spec_data, base = None, Path(args.input).parent
+    if Path(args.input).suffix == ".dsv3":
+        from .frontend.parser import load
+
+        spec_data = load(args.input).data
+    flags = {"text": args.text, "tokens": args.tokens, "tokenizer": args.tokenizer, "eval_every": args.eval_every,
+             "eval_batches": args.eval_batches, "eval_fraction": args.eval_fraction, "jsonl_key": args.jsonl_key,
+             "bin_dtype": args.bin_dtype, "eos_id": args.eos_id}
+    if spec_data is None and all(v is None for v in flags.values()):
+        return None
+    data = resolve(spec_data or DataSpec(), base, **flags)
+    stream = open_data(data, vocab, args.batch, args.seq, args.seed)
+    _log(f"data: {stream.description}")
+    return stream
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .runtime.documents import TextDocuments, expand
+    from .runtime.tokenizer import train_tokenizer
+
+    check_output_file(args.output, "-o")
+    files = expand(args.text, "TEXT")
+    docs = TextDocuments(files, args.jsonl_key)
+    size = train_tokenizer(docs, args.vocab, args.output)
+    megabytes = sum(f.stat().st_size for f in files) / 2**20
+    _log(f"trained a byte-level BPE tokenizer of {size} tokens on {len(docs):,} documents ({len(files)} file(s), "
+         f"{megabytes:.1f} MiB); wrote {args.output}")
     return 0
 
 
@@ -274,6 +328,28 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     if params is not None:
         save_params(args.params, params)
         _log(f"wrote {len(params)} parameters ({sum(p.size for p in params.values()):,} values) to {args.params}")
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    check_input(args.input)
+    if Path(args.input).suffix == ".mlir":
+        raise UserError("export-hf needs the model's .dsv3 spec (config.json is written from it), not IR")
+    check_read_dir(args.ckpt, "--ckpt")
+    check_write_dir(args.output, "-o")
+    if args.tokenizer:
+        check_input(args.tokenizer, "--tokenizer")
+    from .frontend.parser import load
+    from .runtime.hf_export import export_hf, params_from_checkpoint
+
+    spec = load(args.input)
+    params = params_from_checkpoint(args.ckpt, ema=args.ema)
+    out = export_hf(spec, params, args.output, fp8=args.fp8, shard_bytes=args.shard_mb << 20,
+                    block=args.block, tokenizer=args.tokenizer)
+    shards = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    what = f"FP8 (E4M3, {args.block}x{args.block} blocks)" if args.fp8 else spec.dtypes.params
+    _log(f"wrote {out}: config.json and {len(shards)} shard(s), {size / 2**20:,.1f} MiB, weights in {what}")
     return 0
 
 
@@ -418,6 +494,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint every N steps (and at the end)")
     t.add_argument("--log-every", type=int_at_least(1), default=10, metavar="N", help="print progress every N steps")
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append each step's scalar metrics as a JSON line")
+    d = t.add_argument_group("data (override the spec's train { data { ... } } block)")
+    d.add_argument("--text", metavar="GLOB", help="raw text: .jsonl (one document a line), .array_record (one a "
+                   "record) or any other file (one document); comma-separated globs, ** recurses")
+    d.add_argument("--tokenizer", metavar="tokenizer.json", help="Hugging Face tokenizer for --text")
+    d.add_argument("--tokens", metavar="GLOB", help="token-id shards: .npy or raw .bin (see --bin-dtype)")
+    d.add_argument("--bin-dtype", choices=["uint16", "uint32", "int32"], help="token type of .bin shards; "
+                   "default: uint16")
+    d.add_argument("--eos-id", type=int_at_least(0), metavar="ID", help="the token that ends documents in token "
+                   "shards; default: none (shards are cut into pieces)")
+    d.add_argument("--jsonl-key", metavar="KEY", help="the text field of .jsonl lines; default: text")
+    d.add_argument("--eval-every", type=int_at_least(0), metavar="N", help="held-out loss every N steps; default: 0")
+    d.add_argument("--eval-batches", type=int_at_least(1), metavar="N", help="held-out batches; default: 4")
+    d.add_argument("--eval-fraction", type=finite_at_least(0), metavar="F",
+                   help="fraction of documents held out; default: 0.05")
+    w = t.add_argument_group("watching a run")
+    w.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files (needs tensorboardX)")
+    w.add_argument("--plot", metavar="FILE.png", help="at the end, plot the loss and eval curves (needs matplotlib)")
     _add_fp8_option(t)
 
     g = command("generate", "generate tokens with the KV-cache decoder (INPUT --ckpt DIR or --hf DIR)", _cmd_generate)
@@ -442,6 +535,26 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-o", dest="output", required=True, metavar="OUT.dsv3", help="the spec to write")
     h.add_argument("--params", metavar="DIR", help="also write the parameters in the IR's layout (params.safetensors)")
     h.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype; default: the config's")
+
+    x = command("export-hf", "write a trained model as a HuggingFace DeepSeek-V3 directory (the inverse of "
+                "import-hf)", _cmd_export_hf)
+    x.add_argument("input", metavar="INPUT", help="the model's .dsv3 spec")
+    x.add_argument("--ckpt", required=True, metavar="DIR",
+                   help="training checkpoint (its latest step) or `import-hf --params` directory")
+    x.add_argument("-o", dest="output", required=True, metavar="HF_DIR", help="directory to create (absent or empty)")
+    x.add_argument("--ema", action="store_true", help="export the checkpoint's EMA of the parameters")
+    x.add_argument("--fp8", action="store_true",
+                   help="store Linear weights as FP8 E4M3 with weight_scale_inv blocks, as DeepSeek-V3's release")
+    x.add_argument("--block", type=int_at_least(1), default=128, help="FP8 scale block (rows = columns)")
+    x.add_argument("--shard-mb", type=int_at_least(1), default=5120, metavar="MB", help="largest shard")
+    x.add_argument("--tokenizer", metavar="tokenizer.json", help="copy this tokenizer into the directory")
+
+    k = command("tokenizer", "train a byte-level BPE tokenizer (tokenizer.json) on text files", _cmd_tokenizer)
+    k.add_argument("text", metavar="GLOB", help="text files: .jsonl, .array_record or plain (comma-separated globs)")
+    k.add_argument("-o", dest="output", required=True, metavar="tokenizer.json", help="the tokenizer to write")
+    k.add_argument("--vocab", type=int_at_least(1), required=True, metavar="N",
+                   help="at most this many tokens: the model's vocab or less")
+    k.add_argument("--jsonl-key", default="text", metavar="KEY", help="the text field of .jsonl lines")
 
     command("passes", "list the passes, their options with defaults, and the default pipelines", _cmd_passes)
     return parser

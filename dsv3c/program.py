@@ -44,7 +44,7 @@ from .runtime.sharding import (
     param_shardings,
     state_shardings,
 )
-from .runtime.train import TrainState, make_loss_and_grads, make_train_step, split_params
+from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make_train_step, split_params
 from .runtime.xla import compile_lowered
 from .targets import PipelineRequest, Target, resolve_target
 
@@ -162,6 +162,7 @@ class Program:
             )
             self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
         self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))
+        self._eval_step = jax.jit(make_eval_step(module, self.mesh, self.explicit))
         self._compiled: Any = None  # compile()'s executable, reused by train_step/forward at the compiled shapes
         # After `dsv3-kv-cache`, @model is one cached inference step: forward, lowering and generation go through
         # the decode runtime.
@@ -243,12 +244,23 @@ class Program:
                 return self._compiled(state, {"tokens": tokens})
             return self._train_step(state, {"tokens": tokens})
 
+    def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The scalar losses ("loss", "lm_loss", ...) of the model on `batch["tokens"]` int32[B, S+1], without a
+        gradient or an update: held-out evaluation."""
+        tokens = self._global_batch(batch["tokens"])
+        with self._on_mesh():
+            return self._eval_step(state, tokens)
+
     def _global_batch(self, tokens: Any) -> jax.Array:
-        """The token batch as one array over the mesh. Across processes (jax.distributed), every process holds the
-        whole global batch (the data streams are deterministic) and contributes the rows its devices own."""
+        """The token batch as one array over the mesh. Across processes (jax.distributed), every process holds
+        either the whole global batch (the synthetic and `.npy` streams are deterministic) and contributes the rows
+        its devices own, or only its own rows, batch / processes of them (a sharded Grain stream)."""
         if self.mesh is None or jax.process_count() == 1:
             return jnp.asarray(tokens)
         host = np.asarray(tokens)
+        if host.shape[0] * jax.process_count() == self.batch:
+            sharding = batch_sharding(self.mesh, self.batch)
+            return jax.make_array_from_process_local_data(sharding, host, (self.batch, *host.shape[1:]))
         sharding = batch_sharding(self.mesh, host.shape[0])
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -35,6 +35,7 @@ from .limits import MAX_INT, MAX_MTP_DEPTH, MAX_NESTING, MAX_NUMBER_CHARS, MAX_S
 from .source import read_source
 from .spec import (
     AttentionSpec,
+    DataSpec,
     DenseFFNSpec,
     DTypeSpec,
     InitSpec,
@@ -90,13 +91,16 @@ class Key:
 
     With `dest` set, the block builds a dataclass of type `block.target` stored in the parent's field `dest`; without
     it, the block's fields are merged into the parent's dataclass (`layers 61 { dense_first 3 }` fills two
-    `ModelSpec` fields), which keeps the text grouped the way people think while the spec stays flat.
+    `ModelSpec` fields), which keeps the text grouped the way people think while the spec stays flat. With `part`,
+    they are merged into the parent's field `part` instead, a dataclass (of type `Block.parts[part]`) that several
+    entries fill together (`optimizer` and `schedule` both fill `ModelSpec.optimizer`).
     """
 
     slots: tuple[Slot, ...] = ()
     block: Block | None = None
     required: bool = False
     dest: str | None = None
+    part: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Block:
 
     keys: Mapping[str, Key | Variants]
     target: type | None = None
+    parts: Mapping[str, type] = field(default_factory=dict)
 
 
 def _int(dest: str, bound: Bound | None = POSITIVE) -> Slot:
@@ -260,11 +265,28 @@ _MODEL = Block(
     }
 )
 
+_DATA = Block(
+    {
+        "text": _field(Slot("name", "text")),
+        "tokenizer": _field(Slot("name", "tokenizer")),
+        "jsonl_key": _field(Slot("name", "jsonl_key")),
+        "eos": _field(Slot("name", "eos")),
+        "tokens": _field(Slot("name", "tokens")),
+        "bin_dtype": _field(_word("bin_dtype", "uint16", "uint32", "int32")),
+        "eos_id": _field(_int("eos_id", NON_NEGATIVE)),
+        "eval_fraction": _field(_float("eval_fraction", Bound("in [0, 1)", lambda v: 0 <= v < 1))),
+        "eval_every": _field(_int("eval_every", NON_NEGATIVE)),
+        "eval_batches": _field(_int("eval_batches")),
+    },
+    DataSpec,
+)
+
 _TRAIN = Block(
     {
         "optimizer": Key(
-            (_word("kind", "adamw", label="optimizer"),),
-            Block(
+            part="optimizer",
+            slots=(_word("kind", "adamw", label="optimizer"),),
+            block=Block(
                 {
                     "lr": _field(_float("lr")),
                     "betas": Key((_float("b1", BETA), _float("b2", BETA))),
@@ -277,8 +299,9 @@ _TRAIN = Block(
             ),
         ),
         "schedule": Key(
-            (_word("schedule", "cosine", "linear", "constant", label="schedule"),),
-            Block(
+            part="optimizer",
+            slots=(_word("schedule", "cosine", "linear", "constant", label="schedule"),),
+            block=Block(
                 {
                     "warmup": _field(_int("warmup", NON_NEGATIVE)),
                     "decay_steps": _field(_int("decay_steps", NON_NEGATIVE)),
@@ -286,14 +309,15 @@ _TRAIN = Block(
                 }
             ),
         ),
+        "data": Key(block=_DATA, dest="data"),
     },
-    OptimizerSpec,
+    parts={"optimizer": OptimizerSpec},
 )
 
 SCHEMA = Block(
     {
         "model": Key((Slot("name", "name", label="model name"),), _MODEL, required=True),
-        "train": Key(block=_TRAIN, dest="optimizer"),
+        "train": Key(block=_TRAIN),
     }
 )
 """The whole language: the top level holds `model NAME { ... }` (required) and `train { ... }` (optional). Both fill
@@ -452,10 +476,17 @@ class _Walk:
                     f"duplicate key '{name}' {where} (first given at line {first.line})", entry.line, entry.col
                 )
             seen[name] = entry
-            self.entry(entry, name, key, values, spath, kwargs)
+            if key.part is None:
+                self.entry(entry, name, key, values, spath, kwargs)
+            else:
+                self.positions.setdefault(f"{spath}.{key.part}", (entry.line, entry.col))
+                self.entry(entry, name, key, values, f"{spath}.{key.part}", kwargs.setdefault(key.part, {}))
         for name, key in block.keys.items():
             if isinstance(key, Key) and key.required and name not in seen:
                 raise self.fail(f"missing required field '{name}' {where}", *at)
+        for part, target in block.parts.items():
+            if part in kwargs:
+                kwargs[part] = target(**kwargs[part])
 
     def resolve(self, block: Block, entry: Entry, where: str) -> tuple[str, Key, tuple[Value, ...]]:
         """Finds the schema of an entry, the name it goes by and the values left for its slots. A `Variants` key is

@@ -123,6 +123,32 @@ class OptimizerSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """Where training text comes from and how it is held out: the `train { data { ... } }` block.
+
+    None of it changes the compiled program (document starts travel inside the token batch, see
+    `dsv3.token_window`), so it is not written into the IR: it is read by the training run, like `--batch` and
+    `--seed`, and the command line's data flags override it. Paths are relative to the spec's directory.
+
+    `text` is a glob of raw text (a `.jsonl` file holds one document per line under `jsonl_key`; any other file is
+    one document; `.array_record` files hold one UTF-8 document per record), tokenized with `tokenizer` (a
+    `tokenizer.json`) with `eos` appended to every document. `tokens` is a glob of token-id shards (`.npy`, or raw
+    `.bin` of `bin_dtype`), cut into documents at `eos_id` when given. `eval_fraction` of the documents are held out;
+    every `eval_every` steps (0: never) the loss over `eval_batches` batches of them is reported."""
+
+    text: str | None = None
+    tokenizer: str | None = None
+    jsonl_key: str = "text"
+    eos: str = "<|endoftext|>"
+    tokens: str | None = None
+    bin_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
+    eos_id: int | None = None
+    eval_fraction: float = 0.05
+    eval_every: int = 0
+    eval_batches: int = 4
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A whole DeepSeek-V3-family model. `moe is None` makes every layer dense."""
 
@@ -141,6 +167,7 @@ class ModelSpec:
     grad_mask_threshold: float | None = None
     dtypes: DTypeSpec = field(default_factory=DTypeSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    data: DataSpec | None = None
     path: str = "<string>"
     positions: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 

@@ -64,6 +64,16 @@ def make_loss_and_grads(module: ModuleOp, mesh: jax.sharding.Mesh | None = None,
     return loss_and_grads
 
 
+def make_eval_step(module: ModuleOp, mesh: jax.sharding.Mesh | None = None, explicit: bool = False):
+    """state, tokens -> the scalar losses of the model on `tokens`, without gradients (held-out evaluation)."""
+
+    def eval_step(state: TrainState, tokens: jax.Array) -> dict[str, jax.Array]:
+        out = run_model(module, {**state["params"], **state["router_bias"]}, tokens, mesh, explicit)
+        return {k: v for k, v in out.metrics.items() if v.ndim == 0} | {"loss": out.loss}
+
+    return eval_step
+
+
 def make_train_step(
     module: ModuleOp,
     optimizer: optax.GradientTransformation,

@@ -282,15 +282,18 @@ def cross_entropy(logits, labels, mask) -> float:
 
 def token_window(tokens, offset: int):
     """From tokens [B, T]: ids[b, i] = tokens[b, i + offset] for i < T - 1 (0 past the end) and the float mask of
-    the positions that exist."""
+    the positions that exist and whose target is in the same document (a negative token -(id + 1) starts one)."""
     tokens = np.asarray(tokens)
     batch, total = tokens.shape
     ids = np.zeros((batch, total - 1), dtype=tokens.dtype)
     mask = np.zeros((batch, total - 1))
-    for i in range(total - 1):
-        if i + offset < total:
-            ids[:, i] = tokens[:, i + offset]
-            mask[:, i] = 1.0
+    for b in range(batch):
+        for i in range(total - 1):
+            if i + offset < total:
+                t = tokens[b, i + offset]
+                ids[b, i] = -t - 1 if t < 0 else t
+                crosses = any(tokens[b, j] < 0 for j in range(i + 1, i + offset + 1))
+                mask[b, i] = 0.0 if crosses else 1.0
     return ids, mask
 
 

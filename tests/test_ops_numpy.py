@@ -347,6 +347,13 @@ def test_token_window(offset):
     expected_ids, expected_mask = ref.token_window(tokens, offset)
     np.testing.assert_array_equal(np.asarray(ids), expected_ids)
     np.testing.assert_array_equal(np.asarray(mask), expected_mask)
+    # documents start at token 1 of row 0 and tokens 3 and 4 of row 1 (written -(id + 1)): no target across them
+    packed = np.where([[0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]], -tokens - 1, tokens)
+    ids, mask = fn(i32(packed))
+    expected_ids, expected_mask = ref.token_window(packed, offset)
+    np.testing.assert_array_equal(np.asarray(ids), expected_ids)
+    np.testing.assert_array_equal(np.asarray(mask), expected_mask)
+    assert offset == 0 or expected_mask[1, 2] == 0.0  # position 2 would predict the first token of a document
 
 
 def test_grad_mask():

@@ -14,13 +14,19 @@ from .weights import cast_weight
 
 
 def token_window(tokens: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
-    """tokens [B, T] -> (tokens[:, offset:offset+T-1] zero-padded past the end, float mask of valid entries)."""
+    """tokens [B, T] -> (tokens[:, offset:offset+T-1] zero-padded past the end, float mask of valid entries). A token
+    written as -(id + 1) starts a document: its id is `id`, and position i is masked when a document starts in
+    (i, i + offset], where the target would be predicted across the boundary."""
     batch, total = tokens.shape
     length = total - 1
-    padded = jnp.pad(tokens, ((0, 0), (0, offset)))
-    ids = padded[:, offset : offset + length]
-    mask = (jnp.arange(length) + offset < total).astype(jnp.float32)
-    return ids, jnp.broadcast_to(mask, (batch, length))
+    starts = tokens < 0
+    ids = jnp.pad(jnp.where(starts, -tokens - 1, tokens), ((0, 0), (0, offset)))[:, offset : offset + length]
+    mask = jnp.broadcast_to(jnp.arange(length) + offset < total, (batch, length))
+    if offset:
+        seen = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # document starts in [0, j]
+        ahead = jnp.pad(seen, ((0, 0), (0, offset)), mode="edge")[:, offset : offset + length]
+        mask = mask & (ahead == seen[:, :length])
+    return ids, mask.astype(jnp.float32)
 
 
 @register_lowering(dsv3.TokenWindowOp)
