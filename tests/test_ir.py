@@ -62,7 +62,7 @@ TOP_K, EXPERTS, MOE_LAYERS = 2, 8, 2
 # losses). It is valid and runs; each verifier case below breaks it in one place.
 BASE_IR = """\
 builtin.module {
-  dsv3.optimizer {kind = "adamw", lr = 1.000000e-03 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 0.000000e+00 : f64, clip = 1.000000e+00 : f64, moments = "f32", schedule = "constant", warmup = 0 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e+00 : f64}
+  dsv3.optimizer {kind = "adamw", lr = 1.000000e-03 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 0.000000e+00 : f64, clip = 1.000000e+00 : f64, moments = "f32", grads = "compute", schedule = "constant", warmup = 0 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e+00 : f64}
   func.func @model(%tokens: tensor<?x?xi32>) {
     %ids, %mask = dsv3.token_window %tokens {offset = 0 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %pos = dsv3.positions %ids : (tensor<?x?xi32>) -> tensor<?x?xi32>

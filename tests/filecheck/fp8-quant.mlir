@@ -46,7 +46,7 @@
 // W8A8-NOT:      dsv3.dequantize
 
 builtin.module {
-  dsv3.optimizer {kind = "adamw", lr = 1.000000e-02 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 0.000000e+00 : f64, clip = 1.000000e+00 : f64, moments = "f32", schedule = "cosine", warmup = 10 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e-01 : f64}
+  dsv3.optimizer {kind = "adamw", lr = 1.000000e-02 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 0.000000e+00 : f64, clip = 1.000000e+00 : f64, moments = "f32", grads = "compute", schedule = "cosine", warmup = 10 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e-01 : f64}
   func.func @model(%tokens: tensor<?x?xi32>) {
     %ids, %mask = dsv3.token_window %tokens {offset = 0 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %table = dsv3.param {name = "embed", axes = ["vocab", "embed"], init = "normal", std = 2.000000e-02 : f64, trainable = true} : tensor<64x16xf32>

@@ -29,7 +29,7 @@
 // A mesh that does not divide a dimension is an error naming the parameter, before any compile.
 // INDIVISIBLE: error: parameter 'embed': mesh axes fsdp=3 (3 ways) do not divide 'embed' of size 16
 builtin.module {
-  dsv3.optimizer {kind = "adamw", lr = 2.200000e-04 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 1.000000e-01 : f64, clip = 1.000000e+00 : f64, moments = "f32", schedule = "cosine", warmup = 0 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e-01 : f64}
+  dsv3.optimizer {kind = "adamw", lr = 2.200000e-04 : f64, b1 = 9.000000e-01 : f64, b2 = 9.500000e-01 : f64, eps = 1.000000e-08 : f64, weight_decay = 1.000000e-01 : f64, clip = 1.000000e+00 : f64, moments = "f32", grads = "compute", schedule = "cosine", warmup = 0 : i64, decay_steps = 0 : i64, min_lr_ratio = 1.000000e-01 : f64}
   func.func @model(%tokens: tensor<?x?xi32>) {
     %ids, %0 = dsv3.token_window %tokens {offset = 0 : i64} : (tensor<?x?xi32>) -> (tensor<?x?xi32>, tensor<?x?xf32>)
     %positions = dsv3.positions %ids : (tensor<?x?xi32>) -> tensor<?x?xi32>
