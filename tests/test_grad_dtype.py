@@ -91,3 +91,13 @@ def test_gradients_are_the_f32_paths_rounded_to_bf16():
         # here; on the f32 path XLA skips its bf16 round trip (excess precision) and keeps the f32 accumulator.
         expected = wide[name].astype(ml_dtypes.bfloat16).astype(np.float32) if name in EXPERT_WEIGHTS else wide[name]
         np.testing.assert_array_equal(g, expected, err_msg=name)
+
+
+def test_explicit_sharding_keeps_the_gathered_weights_gradients_in_bf16():
+    """Explicit axes gather each weight where a GEMM reads it (`dsv3.shard`); the gradient keeps bf16 through it."""
+    prog = dsv3c.prepare(dsv3c.parse(MODEL.format(grads="")), batch=4, seq=32, mesh={"fsdp": 2}, shard_mode="explicit", pipeline="")
+    tokens = jax.ShapeDtypeStruct((4, 33), jnp.int32, sharding=prog._token_sharding)
+    loss = lambda p, t: run_model(prog.module, p, t, prog.mesh, explicit=True).loss  # noqa: E731
+    with prog._on_mesh():
+        grads = jax.eval_shape(jax.grad(loss), prog.abstract_params(), tokens)
+    assert {name for name, g in grads.items() if g.dtype == jnp.bfloat16} == GEMM_WEIGHTS

@@ -24,7 +24,9 @@ def token_window(tokens: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
     mask = jnp.broadcast_to(jnp.arange(length) + offset < total, (batch, length))
     if offset:
         seen = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # document starts in [0, j]
-        ahead = jnp.pad(seen, ((0, 0), (0, offset)), mode="edge")[:, offset : offset + length]
+        # zero-padded (an edge pad slices the batch dimension, which explicit sharding refuses): the positions it
+        # reaches run past the end and are masked already
+        ahead = jnp.pad(seen, ((0, 0), (0, offset)))[:, offset : offset + length]
         mask = mask & (ahead == seen[:, :length])
     return ids, mask.astype(jnp.float32)
 
