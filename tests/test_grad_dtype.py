@@ -95,7 +95,8 @@ def test_gradients_are_the_f32_paths_rounded_to_bf16():
 
 def test_explicit_sharding_keeps_the_gathered_weights_gradients_in_bf16():
     """Explicit axes gather each weight where a GEMM reads it (`dsv3.shard`); the gradient keeps bf16 through it."""
-    prog = dsv3c.prepare(dsv3c.parse(MODEL.format(grads="")), batch=4, seq=32, mesh={"fsdp": 2}, shard_mode="explicit", pipeline="")
+    spec = dsv3c.parse(MODEL.format(grads=""))
+    prog = dsv3c.prepare(spec, batch=4, seq=32, mesh={"fsdp": 2}, shard_mode="explicit", pipeline="")
     tokens = jax.ShapeDtypeStruct((4, 33), jnp.int32, sharding=prog._token_sharding)
     loss = lambda p, t: run_model(prog.module, p, t, prog.mesh, explicit=True).loss  # noqa: E731
     with prog._on_mesh():
