@@ -155,6 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     history = train(
         prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
         save_every=args.save_every, log_every=args.log_every, log=print, metrics_path=args.metrics,
+        keep=args.keep, max_nonfinite=args.max_nonfinite,
     )
     if history.metrics:
         first, last = history.metrics[0]["loss"], history.metrics[-1]["loss"]
@@ -162,6 +163,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if history.expert_load is not None:
             balance = ", ".join(f"{x:.2f}" for x in load_balance(history.expert_load))
             line += f"; expert load max/mean per MoE layer {balance}"
+        if history.skipped:
+            line += f"; {history.skipped} non-finite step(s) skipped"
         print(line)
     return 0
 
@@ -238,7 +241,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prog = compile(source, mode="decode", batch=len(prompts), seq=max(map(len, prompts)) + args.max_new,
                    pipeline=pipeline, log=_log)
     if params is None:
-        params = load_params(args.ckpt, prog.infos)
+        params = load_params(args.ckpt, prog.infos, ema=args.ema)
+    elif args.ema:
+        raise UserError("--ema reads a training checkpoint's moving average (INPUT --ckpt DIR), not --hf")
     clock = time.perf_counter()
     if args.speculative:
         result = prog.generate(params, prompts, args.max_new, speculative=True)
@@ -416,13 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int_at_least(0), default=0, help="this process's index in [0, num-processes)")
     t.add_argument("--save-every", type=int_at_least(1), default=100, metavar="N",
                    help="save a checkpoint every N steps (and at the end)")
+    t.add_argument("--keep", type=int_at_least(1), default=3, metavar="N", help="keep the newest N checkpoints")
+    t.add_argument("--max-nonfinite", type=int_at_least(1), default=5, metavar="K",
+                   help="stop after K steps in a row with a non-finite loss or gradient norm (each is skipped)")
     t.add_argument("--log-every", type=int_at_least(1), default=10, metavar="N", help="print progress every N steps")
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append each step's scalar metrics as a JSON line")
     _add_fp8_option(t)
 
     g = command("generate", "generate tokens with the KV-cache decoder (INPUT --ckpt DIR or --hf DIR)", _cmd_generate)
     g.add_argument("input", nargs="?", metavar="INPUT", help=f"{_SPEC_OR_IR} (with --ckpt)")
-    g.add_argument("--ckpt", metavar="DIR", help="training checkpoint or `import-hf --params` directory")
+    g.add_argument("--ckpt", metavar="DIR", help="training checkpoint (run directory or one step_N folder) or "
+                   "`import-hf --params` directory")
     g.add_argument("--hf", metavar="DIR", help="HuggingFace DeepSeek-V3 directory (config.json + safetensors)")
     g.add_argument("--prompt-ids", required=True, metavar="IDS",
                    help="token ids, e.g. 1,2,3 (';' separates prompts, of any lengths)")
@@ -434,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype for --hf; default: the "
                    "config's")
     g.add_argument("--speculative", action="store_true", help="greedy, drafting one token ahead with the MTP module")
+    g.add_argument("--ema", action="store_true", help="use the training checkpoint's EMA of the parameters")
     _add_pipeline_options(g, "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache")
 
     h = command("import-hf", "write the .dsv3 spec (and parameters) of a HuggingFace DeepSeek-V3 directory",

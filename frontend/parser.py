@@ -285,6 +285,7 @@ _TRAIN = Block(
                 }
             ),
         ),
+        "ema": Key(block=Block({"decay": _field(_float("ema_decay", BETA), required=True)})),
     },
     OptimizerSpec,
 )
