@@ -7,7 +7,7 @@ for before it goes on: the copy to host memory) and its total (until the checkpo
 rename) blocks for all of it. Restore is timed into the program's shardings (Orbax) and through `load_file` plus a
 device copy (safetensors). Each figure is the median of `--reps` runs on one CPU device.
 
-    python benchmarks/checkpoint.py [--dim 1024] [--vocab 32768] [--layers 4] [--reps 3] [--dir /tmp/ckpt-bench]
+    python benchmarks/checkpoint.py [--dim 768] [--vocab 16384] [--layers 4] [--reps 3] [--dir /tmp/ckpt-bench]
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _old_restore(root: Path, step: int, template: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/dsv3c-ckpt-bench")

@@ -226,6 +226,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         check_input(args.input)
     check_read_dir(args.ckpt, "--ckpt")
     check_read_dir(args.hf, "--hf")
+    if args.ema:
+        from .runtime.checkpoint import is_training_checkpoint
+
+        if args.hf or not is_training_checkpoint(args.ckpt):
+            raise UserError("--ema reads the moving average a training checkpoint keeps: give INPUT --ckpt with a "
+                            "`dsv3c train --ckpt` directory")
     from .program import compile, load_module
     from .runtime.hf_import import import_hf
     from .runtime.params_io import load_params
@@ -242,8 +248,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                    pipeline=pipeline, log=_log)
     if params is None:
         params = load_params(args.ckpt, prog.infos, ema=args.ema)
-    elif args.ema:
-        raise UserError("--ema reads a training checkpoint's moving average (INPUT --ckpt DIR), not --hf")
     clock = time.perf_counter()
     if args.speculative:
         result = prog.generate(params, prompts, args.max_new, speculative=True)
