@@ -42,8 +42,9 @@ class Checkpoints:
     `restore` together (Orbax synchronises them)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, create: bool = True):
-        self.root = Path(directory).absolute()
-        _refuse_legacy(self.root)
+        self.directory = Path(directory)  # as the user wrote it, for messages
+        self.root = self.directory.absolute()
+        _refuse_legacy(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=create, enable_async_checkpointing=True, step_prefix=STEP_PREFIX,
             step_format_fixed_length=8,
@@ -57,7 +58,7 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def path(self, step: int) -> Path:
-        return self.root / step_dir_name(step)
+        return self.directory / step_dir_name(step)
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Starts writing `state` for `step`; returns once it is safe to go on training (and to donate `state`)."""
