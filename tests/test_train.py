@@ -125,6 +125,35 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(small_prog, tmp_path):
     assert "step 2: loss nan, grad norm nan: not finite, step skipped (1 in a row, 1 in all)" in lines
 
 
+class _Stateful(SyntheticStream):
+    """A source with iterator state, as the data-loading interface allows: it counts the batches it has served."""
+
+    def __init__(self):
+        super().__init__(256, seed=3)
+        self.served, self.restored = 0, None
+
+    def batch(self, step, batch, length):
+        self.served += 1
+        return super().batch(step, batch, length)
+
+    def get_state(self):
+        return {"served": self.served}
+
+    def set_state(self, state):
+        self.restored = state
+        self.served = state["served"]
+
+
+def test_data_source_state_goes_with_the_checkpoint(tmp_path, small_prog):
+    ckpt = tmp_path / "ckpt"
+    train(small_prog, 5, _Stateful(), ckpt=ckpt, save_every=2, stop_after=3)
+    assert latest_meta(ckpt)["data_state"] == {"served": 3}
+    source = _Stateful()
+    train(small_prog, 5, source, ckpt=ckpt, resume=True, save_every=2)
+    assert source.restored == {"served": 3} and source.served == 5
+    assert latest_meta(ckpt)["data_state"] == {"served": 5}
+
+
 def test_resume_with_more_steps_continues_the_runs_schedule(tmp_path, small_prog):
     """`train --steps 20 --total-steps 40`, then `--resume --steps 40`, ends bit for bit where an uninterrupted
     40-step run does: the schedule is the run's (recorded in the checkpoint), not the invocation's `--steps`."""
