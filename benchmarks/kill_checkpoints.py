@@ -42,13 +42,15 @@ def _free_port() -> int:
 
 
 def _launch(spec: Path, ckpt: Path, steps: int) -> list[subprocess.Popen]:
+    """Both processes of a run resuming from `ckpt`; each one's output goes to `ckpt`'s sibling `NAME.rankR.log`."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     port = _free_port()
     argv = [sys.executable, "-m", "dsv3c", "train", str(spec), "--steps", str(steps), "--batch", "8", "--seq", "16",
             "--mesh", "fsdp=2,expert=2", "--devices", "2", "--save-every", "1", "--keep", "3", "--ckpt", str(ckpt),
             "--resume", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    return [subprocess.Popen([*argv, "--process-id", str(rank)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT) for rank in range(2)]
+    return [subprocess.Popen([*argv, "--process-id", str(rank)], env=env, stderr=subprocess.STDOUT,
+                             stdout=open(ckpt.with_name(f"{ckpt.name}.rank{rank}.log"), "a"))
+            for rank in range(2)]
 
 
 def _committed(ckpt: Path) -> set[str]:
@@ -105,7 +107,7 @@ def main() -> None:
     for name in ("killed", "straight"):
         workers = _launch(spec, root / name, args.steps)
         if any(worker.wait() for worker in workers):
-            raise SystemExit(f"FAILED: the {name} run did not finish")
+            raise SystemExit(f"FAILED: the {name} run did not finish (see {root}/{name}.rank*.log)")
     got, want = load_checkpoint_params(ckpt), load_checkpoint_params(root / "straight")
     same = all(np.array_equal(got[k], want[k]) for k in want)
     print(f"resumed after {args.kills} kills to step {_latest(ckpt)}: parameters bit-identical to an uninterrupted "
