@@ -301,7 +301,9 @@ class OptimizerOp(_Op):
     """AdamW hyper-parameters and learning-rate schedule; `decay_steps = 0` decays over the run's step count.
     `grads` is the dtype weight gradients are held in between the backward pass and the update: `compute` keeps the
     dtype their GEMM produced them in (half the memory of f32 under bf16 compute, the same values: the GEMM already
-    rounded them), `f32` widens each layer's gradient as the backward pass produces it."""
+    rounded them), `f32` widens each layer's gradient as the backward pass produces it.
+    `ema_decay`, when present, asks the runtime to keep an exponential moving average of the trainable parameters
+    (`ema = decay * ema + (1 - decay) * params` after every applied step) in host memory."""
 
     name = "dsv3.optimizer"
     kind = prop_def(StringAttr)
@@ -317,14 +319,18 @@ class OptimizerOp(_Op):
     warmup = prop_def(IntegerAttr)
     decay_steps = prop_def(IntegerAttr)
     min_lr_ratio = prop_def(FloatAttr)
+    ema_decay = opt_prop_def(FloatAttr)
     assembly_format = "attr-dict"
 
     def __init__(
         self, *, kind: str, lr: float, b1: float, b2: float, eps: float, weight_decay: float, clip: float,
         moments: str, grads: str, schedule: str, warmup: int, decay_steps: int, min_lr_ratio: float,
+        ema_decay: float | None = None,
     ):
         floats = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "clip": clip,
                   "min_lr_ratio": min_lr_ratio}
+        if ema_decay is not None:
+            floats["ema_decay"] = ema_decay
         super().__init__(properties={
             "kind": StringAttr(kind), "moments": StringAttr(moments), "grads": StringAttr(grads),
             "schedule": StringAttr(schedule),
@@ -345,6 +351,8 @@ class OptimizerOp(_Op):
         self.expect_range("warmup", 0)
         self.expect_range("decay_steps", 0)
         self.expect_range("min_lr_ratio", 0, 1, high_open=False)
+        if "ema_decay" in self.properties:
+            self.expect_range("ema_decay", 0, 1)
 
 
 @irdl_op_definition

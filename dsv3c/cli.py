@@ -165,6 +165,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         history = train(
             prog, args.steps, data, seed=args.seed, ckpt=args.ckpt, resume=args.resume,
             save_every=args.save_every, log_every=args.log_every, log=printer(observers), metrics_path=args.metrics,
+            keep=args.keep, max_nonfinite=args.max_nonfinite,
             evaluate=held_out_loss(prog, held_out) if held_out else None,
             eval_every=data.eval_every if held_out else 0, observers=observers,
         )
@@ -180,6 +181,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if history.expert_load is not None:
             balance = ", ".join(f"{x:.2f}" for x in load_balance(history.expert_load))
             line += f"; expert load max/mean per MoE layer {balance}"
+        if history.skipped:
+            line += f"; {history.skipped} non-finite step(s) skipped"
         print(line)
     return 0
 
@@ -277,6 +280,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         check_input(args.input)
     check_read_dir(args.ckpt, "--ckpt")
     check_read_dir(args.hf, "--hf")
+    if args.ema:
+        from .runtime.checkpoint import is_training_checkpoint
+
+        if args.hf or not is_training_checkpoint(args.ckpt):
+            raise UserError("--ema reads the moving average a training checkpoint keeps: give INPUT --ckpt with a "
+                            "`dsv3c train --ckpt` directory")
     from .program import compile, load_module
     from .runtime.hf_import import import_hf
     from .runtime.params_io import load_params
@@ -292,7 +301,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prog = compile(source, mode="decode", batch=len(prompts), seq=max(map(len, prompts)) + args.max_new,
                    pipeline=pipeline, log=_log)
     if params is None:
-        params = load_params(args.ckpt, prog.infos)
+        params = load_params(args.ckpt, prog.infos, ema=args.ema)
     clock = time.perf_counter()
     if args.speculative:
         result = prog.generate(params, prompts, args.max_new, speculative=True)
@@ -492,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int_at_least(0), default=0, help="this process's index in [0, num-processes)")
     t.add_argument("--save-every", type=int_at_least(1), default=100, metavar="N",
                    help="save a checkpoint every N steps (and at the end)")
+    t.add_argument("--keep", type=int_at_least(1), default=3, metavar="N", help="keep the newest N checkpoints")
+    t.add_argument("--max-nonfinite", type=int_at_least(1), default=5, metavar="K",
+                   help="stop after K steps in a row with a non-finite loss or gradient norm (each is skipped)")
     t.add_argument("--log-every", type=int_at_least(1), default=10, metavar="N", help="print progress every N steps")
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append each step's scalar metrics as a JSON line")
     d = t.add_argument_group("data (override the spec's train { data { ... } } block)")
@@ -515,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = command("generate", "generate tokens with the KV-cache decoder (INPUT --ckpt DIR or --hf DIR)", _cmd_generate)
     g.add_argument("input", nargs="?", metavar="INPUT", help=f"{_SPEC_OR_IR} (with --ckpt)")
-    g.add_argument("--ckpt", metavar="DIR", help="training checkpoint or `import-hf --params` directory")
+    g.add_argument("--ckpt", metavar="DIR", help="training checkpoint (run directory or one step_N folder) or "
+                   "`import-hf --params` directory")
     g.add_argument("--hf", metavar="DIR", help="HuggingFace DeepSeek-V3 directory (config.json + safetensors)")
     g.add_argument("--prompt-ids", required=True, metavar="IDS",
                    help="token ids, e.g. 1,2,3 (';' separates prompts, of any lengths)")
@@ -527,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype for --hf; default: the "
                    "config's")
     g.add_argument("--speculative", action="store_true", help="greedy, drafting one token ahead with the MTP module")
+    g.add_argument("--ema", action="store_true", help="use the training checkpoint's EMA of the parameters")
     _add_pipeline_options(g, "dsv3-drop-mtp,dsv3-mla-absorb,dsv3-kv-cache")
 
     h = command("import-hf", "write the .dsv3 spec (and parameters) of a HuggingFace DeepSeek-V3 directory",

@@ -32,9 +32,10 @@ from .frontend.spec import ModelSpec
 from .pipeline import parse_passes, pipeline_text, run_pipeline
 from .report import build_report, model_flops, roofline
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
+from .runtime.ema import EMA, device_shardings
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
-from .runtime.optimizer import make_optimizer
+from .runtime.optimizer import make_optimizer, optimizer_op
 from .runtime.schedule import compiler_options
 from .runtime.sharding import (
     batch_sharding,
@@ -163,6 +164,11 @@ class Program:
             self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
         self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))
         self._eval_step = jax.jit(make_eval_step(module, self.mesh, self.explicit))
+        decay = optimizer_op(module).opt_float_prop("ema_decay") if mode == "train" else None
+        self.ema: EMA | None = None  # the parameters' moving average, when the IR's optimizer asks for one
+        if decay is not None and target.local:
+            trainable = self.state_shardings["params"] if self.state_shardings is not None else None
+            self.ema = EMA(decay, device_shardings(self.abstract_state()["params"], trainable))
         self._compiled: Any = None  # compile()'s executable, reused by train_step/forward at the compiled shapes
         # After `dsv3-kv-cache`, @model is one cached inference step: forward, lowering and generation go through
         # the decode runtime.
@@ -196,6 +202,14 @@ class Program:
         if self.state_shardings is None:
             return shapes
         return jax.tree.map(_with_sharding, shapes, self.state_shardings)
+
+    def restore_shardings(self) -> TrainState:
+        """Where each leaf of a training state goes when a checkpoint is restored into this program: its mesh's
+        shardings, or the first device without a mesh."""
+        if self.state_shardings is not None:
+            return self.state_shardings
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, self.abstract_state())
 
     def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
         shapes = {name: jax.ShapeDtypeStruct(i.shape, i.dtype) for name, i in self.infos.items()}

@@ -290,7 +290,7 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
     module.body.block.add_op(dsv3.OptimizerOp(
         kind=o.kind, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip,
         moments=o.moments, grads=o.grads, schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
-        min_lr_ratio=o.min_lr_ratio,
+        min_lr_ratio=o.min_lr_ratio, ema_decay=o.ema_decay,
     ))
     func = FuncOp("model", ([TensorType(I32, [DYN, DYN])], []))
     module.body.block.add_op(func)

@@ -310,6 +310,7 @@ _TRAIN = Block(
             ),
         ),
         "data": Key(block=_DATA, dest="data"),
+        "ema": Key(part="optimizer", block=Block({"decay": _field(_float("ema_decay", BETA), required=True)})),
     },
     parts={"optimizer": OptimizerSpec},
 )

@@ -120,6 +120,7 @@ class OptimizerSpec:
     warmup: int = 0
     decay_steps: int = 0
     min_lr_ratio: float = 0.1
+    ema_decay: float | None = None  # `ema { decay }`: keep a moving average of the parameters in host memory
 
 
 @dataclass(frozen=True)

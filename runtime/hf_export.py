@@ -28,10 +28,13 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file
 
 from ..frontend.errors import UserError
 from ..frontend.spec import ModelSpec
+from .checkpoint import is_training_checkpoint, load_checkpoint_params
 from .hf_import import _EXPERTS, _LAYER_TENSORS, _MTP_TENSORS
+from .params_io import PARAMS_FILE
 
 FP8_BLOCK = 128
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
@@ -336,41 +339,19 @@ def _check_params(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> None:
 
 
 def params_from_checkpoint(ckpt_dir: str | Path, ema: bool = False) -> dict[str, np.ndarray]:
-    """The model parameters (router biases included) of the latest training checkpoint in `ckpt_dir`, or of an
-    `import-hf --params` directory, by IR name.
-
-    The one place export reads training checkpoints: when checkpoints move to another format, this function is
-    what changes. `ema` selects the EMA of the parameters, which a checkpoint holds once training keeps one."""
-    from safetensors.numpy import load_file
-
-    from .params_io import PARAMS_FILE, _source
-
+    """The model parameters (router biases included) of the newest training checkpoint in `ckpt_dir` (or of that
+    `step_N` folder), or of an `import-hf --params` directory, by IR name. `ema` selects a training checkpoint's
+    moving average of the parameters."""
     directory = Path(ckpt_dir)
-    path, _ = _source(directory)
-    meta_path = path.parent / "meta.json"
+    if is_training_checkpoint(directory):
+        return load_checkpoint_params(directory, ema)
+    if ema:
+        raise UserError(f"--ema: {directory} is not a training checkpoint (only those hold an EMA)")
+    path = directory / PARAMS_FILE
     try:
         arrays = load_file(str(path))
-        dtypes = json.loads(meta_path.read_text()).get("dtypes", {}) if meta_path.is_file() else {}
+        meta = path.parent / "meta.json"
+        dtypes = json.loads(meta.read_text()).get("dtypes", {}) if meta.is_file() else {}
     except (OSError, ValueError) as err:
-        raise UserError(f"checkpoint {path}: unreadable ({err})") from None
-    groups = ("ema",) if ema else ("params", "router_bias")
-    if path.name == PARAMS_FILE:
-        if ema:
-            raise UserError(f"{directory} holds plain parameters, not a training checkpoint with an EMA")
-        return {name: _viewed(value, dtypes.get(name)) for name, value in arrays.items()}
-    params = {}
-    for key, value in arrays.items():
-        for group in groups:
-            head = f"['{group}']['"
-            if key.startswith(head) and key.endswith("']"):
-                params[key[len(head) : -2]] = _viewed(value, dtypes.get(key))
-    if ema and not params:
-        raise UserError(f"checkpoint {path} holds no EMA of the parameters (train with `train {{ ema {{ ... }} }}`)")
-    if ema:  # the EMA covers the trained parameters; the router biases follow their rule, not the optimizer
-        params.update({k[len("['router_bias']['") : -2]: _viewed(v, dtypes.get(k)) for k, v in arrays.items()
-                       if k.startswith("['router_bias']['")})
-    return params
-
-
-def _viewed(value: np.ndarray, dtype: str | None) -> np.ndarray:
-    return value.view(np.dtype(dtype)) if dtype else value
+        raise UserError(f"{directory}: no readable training checkpoint or {PARAMS_FILE} ({err})") from None
+    return {name: value.view(np.dtype(dtypes[name])) if name in dtypes else value for name, value in arrays.items()}

@@ -1,8 +1,8 @@
 """Parameters on disk for inference: `params.safetensors` (what `dsv3c import-hf --params` writes) or the parameters
-inside a training checkpoint (`runtime/checkpoint.py`), read by IR parameter name.
+(or their EMA) inside an Orbax training checkpoint (`runtime/checkpoint.py`), read by IR parameter name.
 
 safetensors has no bfloat16 in NumPy, so bf16 arrays are stored as their uint16 bits with the true dtype in
-`meta.json`, as training checkpoints do."""
+`meta.json`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ..frontend.errors import UserError
+from .checkpoint import is_training_checkpoint, load_checkpoint_params
 from .model import ParamInfo
 
 PARAMS_FILE = "params.safetensors"
@@ -44,33 +45,31 @@ def save_params(directory: str | Path, params: dict[str, np.ndarray]) -> Path:
     return out / PARAMS_FILE
 
 
-def _source(directory: Path) -> tuple[Path, dict[str, str]]:
-    """The safetensors file holding parameters under `directory`, and how its keys name them."""
-    if (directory / PARAMS_FILE).is_file():
-        return directory / PARAMS_FILE, {}
-    step = directory
-    if (directory / "latest").is_file():
-        step = directory / (directory / "latest").read_text().strip()
-    if (step / "state.safetensors").is_file():
-        return step / "state.safetensors", {"params": "['params']['{}']", "router_bias": "['router_bias']['{}']"}
-    raise UserError(f"{directory}: no {PARAMS_FILE}, training checkpoint or state.safetensors found")
-
-
-def load_params(directory: str | Path, infos: dict[str, ParamInfo]) -> dict[str, np.ndarray]:
-    """Every parameter `infos` declares, from `directory`; a missing or misshapen one is an error naming it."""
-    path, key_formats = _source(Path(directory))
+def load_params(directory: str | Path, infos: dict[str, ParamInfo], ema: bool = False) -> dict[str, np.ndarray]:
+    """Every parameter `infos` declares, from `directory` (a `params.safetensors` folder or a training checkpoint;
+    `ema` takes a checkpoint's moving average); a missing or misshapen one is an error naming it."""
+    directory = Path(directory)
+    if is_training_checkpoint(directory):
+        return _checked(directory, load_checkpoint_params(directory, ema), infos)
+    if ema:
+        raise UserError(f"--ema: {directory} is not a training checkpoint (only those hold an EMA)")
+    path = directory / PARAMS_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: no {PARAMS_FILE} or training checkpoint found")
     arrays = load_file(str(path))
     meta_path = path.parent / "meta.json"
     dtypes = json.loads(meta_path.read_text()).get("dtypes", {}) if meta_path.is_file() else {}
+    for key in set(dtypes) & set(arrays):
+        arrays[key] = arrays[key].view(np.dtype(dtypes[key]))
+    return _checked(path, arrays, infos)
+
+
+def _checked(path: Path, arrays: dict[str, np.ndarray], infos: dict[str, ParamInfo]) -> dict[str, np.ndarray]:
     params = {}
     for name, info in infos.items():
-        keys = [fmt.format(name) for fmt in key_formats.values()] or [name]
-        key = next((k for k in keys if k in arrays), None)
-        if key is None:
+        if name not in arrays:
             raise UserError(f"{path}: parameter '{name}' is missing (written for a different model?)")
-        value = arrays[key]
-        if key in dtypes:
-            value = value.view(np.dtype(dtypes[key]))
+        value = arrays[name]
         if value.shape != info.shape:
             got, want = list(value.shape), list(info.shape)
             raise UserError(f"{path}: parameter '{name}' has shape {got}, the model has {want}")

@@ -256,6 +256,8 @@ MALFORMED = [
     _case("negative-eps", "eps 1e-6", "eps -1e-6", 17, 18, "'eps' must be positive, got -1e-6"),
     _case("negative-lr", "lr 1e-3", "lr -1e-3", 20, 24, "'lr' must be positive, got -1e-3"),
     _case("beta-range", "betas 0.9 0.95", "betas 0.9 1.5", 20, 40, "'betas' must be in [0, 1), got 1.5"),
+    _case("ema-decay-range", "train {", "train {\n  ema { decay 1.5 }", 20, 15, "'decay' must be in [0, 1), got 1.5"),
+    _case("ema-without-decay", "train {", "train {\n  ema { }", 20, 3, "missing required field 'decay' in ema block"),
     # which layers are dense
     _case("missing-ffn-dense", _NO_FFN, "", 4, 14, "missing 'ffn dense' block: 1 of 4 layers are dense"),
     pytest.param(ALL_DENSE.replace(_NO_FFN, ""), 1, 1, "4 of 4 layers are dense", id="missing-ffn-dense-no-moe"),
@@ -278,3 +280,17 @@ def test_malformed_spec(text: str, line: int, col: int, message: str) -> None:
         parse(text, "bad.dsv3")
     assert (err.value.path, err.value.line, err.value.col) == ("bad.dsv3", line, col), str(err.value)
     assert message in err.value.message
+
+
+def test_ema_goes_into_the_optimizer_declaration() -> None:
+    """`train { ema { decay } }` is an attribute of the IR's `dsv3.optimizer`, which the runtime reads; without the
+    block the IR has none."""
+    from dsv3c import build_ir
+    from dsv3c.dialects import dsv3
+
+    def decay(text: str) -> float | None:
+        ops = [op for op in build_ir(parse(text)).ops if isinstance(op, dsv3.OptimizerOp)]
+        return ops[0].opt_float_prop("ema_decay")
+
+    assert decay(BASE.replace("train {", "train {\n  ema { decay 0.999 }")) == 0.999
+    assert decay(BASE) is None

@@ -19,7 +19,7 @@ import pytest
 import dsv3c
 from dsv3c.cli import main
 from dsv3c.runtime import hf_export
-from dsv3c.runtime.checkpoint import save_checkpoint
+from dsv3c.runtime.checkpoint import Checkpoints
 from dsv3c.runtime.hf_import import HFCheckpoint
 from dsv3c.runtime.model import param_infos
 from dsv3c.runtime.train import split_params
@@ -109,7 +109,10 @@ def test_cli_exports_a_training_checkpoint(imported, tmp_path, capsys):
     spec_path.write_text(hf_export_spec_text(spec))
     infos = param_infos(dsv3c.build_ir(dsv3c.load(spec_path)))
     state = {**split_params(infos, params), "step": np.int32(7)}
-    save_checkpoint(tmp_path / "ckpt", state, 7)
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    checkpoints.save(7, state, {"total_steps": 7})
+    checkpoints.wait()
+    checkpoints.close()
     assert main(["export-hf", str(spec_path), "--ckpt", str(tmp_path / "ckpt"), "-o", str(tmp_path / "hf")]) == 0
     assert "wrote" in capsys.readouterr().err
     _, back = dsv3c.import_hf(tmp_path / "hf", dtype="f32")

@@ -363,6 +363,10 @@ BROKEN = {
         (('{name = "balance_loss", role = #dsv3<role aux_loss>', '{name = "balance_loss", role = #dsv3<role loss>'),),
         '{name = "lm_loss"', "'lm_loss' is a second loss output of @model (the first is 'balance_loss')",
     ),
+    "ema-decay-of-one": Broken(
+        (("min_lr_ratio = 1.000000e+00 : f64}", "min_lr_ratio = 1.000000e+00 : f64, ema_decay = 1.0 : f64}"),),
+        "dsv3.optimizer", "'dsv3.optimizer' op ema_decay must be finite and in [0, 1), got 1",
+    ),
     "second-logits-output": Broken(
         (('{name = "expert_load", role = #dsv3<role metric>}', '{name = "expert_load", role = #dsv3<role logits>}'),),
         '{name = "logits"', "'logits' is a second logits output of @model (the first is 'expert_load')",

@@ -182,6 +182,10 @@ def files(tmp_path: Path) -> Path:
     np.save(tmp_path / "floats.npy", np.zeros(8, np.float32))
     np.savez(tmp_path / "tokens.npz", a=np.arange(8))
     (tmp_path / "a_file").write_text("")
+    legacy = tmp_path / "legacy" / "step_00000001"  # the layout of dsv3c's checkpoints before Orbax
+    legacy.mkdir(parents=True)
+    (legacy / "state.safetensors").write_bytes(b"")
+    (tmp_path / "legacy" / "latest").write_text(legacy.name)
     return tmp_path
 
 
@@ -201,6 +205,10 @@ OPTION_CASES = {
     "resume-without-ckpt": (["train", TINY_SPEC, "--steps", "1", "--resume"], "--resume needs --ckpt DIR"),
     "prompt-out-of-range": (["generate", TINY_SPEC, "--ckpt", "{d}", "--prompt-ids", "1,256", "--max-new", "1"],
                             "--prompt-ids: token id 256 is outside the vocabulary [0, 256)"),
+    "ema-without-training-checkpoint": (["generate", TINY_SPEC, "--ckpt", "{d}", "--ema", "--prompt-ids", "1",
+                                         "--max-new", "1"], "--ema reads the moving average a training checkpoint"),
+    "safetensors-training-checkpoint": (["train", TINY_SPEC, "--steps", "2", "--ckpt", "{d}/legacy", "--resume"],
+                                        "holds a safetensors checkpoint of an earlier dsv3c"),
     "report-is-a-directory": (["compile", TINY_SPEC, "--report", "{d}"], "--report: {d} is a directory"),
     "dump-ir-under-a-file": (["compile", TINY_SPEC, "--dump-ir", "{d}/a_file/x"], "cannot create"),
     "import-output-under-a-file": (["import-hf", "{d}", "-o", "{d}/a_file/m.dsv3"], "-o: cannot create"),
@@ -306,7 +314,7 @@ OPTION_VALUES = ["0", "-1", "1", "2", "²", "1e9", "", "x", "fsdp=2", "fsdp=0", 
 OPTIONS = {
     "compile": ["--target", "--mode", "--batch", "--seq", "--mesh", "--devices", "--shard-mode", "-p", "--fp8"],
     "train": ["--steps", "--batch", "--seq", "--mesh", "--devices", "--seed", "--save-every", "--log-every",
-              "--total-steps", "--num-processes", "--process-id"],
+              "--total-steps", "--num-processes", "--process-id", "--keep", "--max-nonfinite"],
     "generate": ["--prompt-ids", "--max-new", "--temperature", "--seed", "--eos", "--dtype"],
 }
 
