@@ -28,13 +28,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file
 
 from ..frontend.errors import UserError
 from ..frontend.spec import ModelSpec
 from .checkpoint import is_training_checkpoint, load_checkpoint_params
 from .hf_import import _EXPERTS, _LAYER_TENSORS, _MTP_TENSORS
-from .params_io import PARAMS_FILE
+from .params_io import read_params_file
 
 FP8_BLOCK = 128
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
@@ -347,11 +346,4 @@ def params_from_checkpoint(ckpt_dir: str | Path, ema: bool = False) -> dict[str,
         return load_checkpoint_params(directory, ema)
     if ema:
         raise UserError(f"--ema: {directory} is not a training checkpoint (only those hold an EMA)")
-    path = directory / PARAMS_FILE
-    try:
-        arrays = load_file(str(path))
-        meta = path.parent / "meta.json"
-        dtypes = json.loads(meta.read_text()).get("dtypes", {}) if meta.is_file() else {}
-    except (OSError, ValueError) as err:
-        raise UserError(f"{directory}: no readable training checkpoint or {PARAMS_FILE} ({err})") from None
-    return {name: value.view(np.dtype(dtypes[name])) if name in dtypes else value for name, value in arrays.items()}
+    return read_params_file(directory)

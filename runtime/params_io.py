@@ -53,7 +53,12 @@ def load_params(directory: str | Path, infos: dict[str, ParamInfo], ema: bool = 
         return _checked(directory, load_checkpoint_params(directory, ema), infos)
     if ema:
         raise UserError(f"--ema: {directory} is not a training checkpoint (only those hold an EMA)")
-    path = directory / PARAMS_FILE
+    return _checked(directory / PARAMS_FILE, read_params_file(directory), infos)
+
+
+def read_params_file(directory: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of `directory/params.safetensors` by name, in their dtypes (bf16 is stored as its bits)."""
+    path = Path(directory) / PARAMS_FILE
     if not path.is_file():
         raise UserError(f"{directory}: no {PARAMS_FILE} or training checkpoint found")
     arrays = load_file(str(path))
@@ -61,7 +66,7 @@ def load_params(directory: str | Path, infos: dict[str, ParamInfo], ema: bool = 
     dtypes = json.loads(meta_path.read_text()).get("dtypes", {}) if meta_path.is_file() else {}
     for key in set(dtypes) & set(arrays):
         arrays[key] = arrays[key].view(np.dtype(dtypes[key]))
-    return _checked(path, arrays, infos)
+    return arrays
 
 
 def _checked(path: Path, arrays: dict[str, np.ndarray], infos: dict[str, ParamInfo]) -> dict[str, np.ndarray]:

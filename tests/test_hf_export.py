@@ -118,6 +118,17 @@ def test_cli_exports_a_training_checkpoint(imported, tmp_path, capsys):
     _, back = dsv3c.import_hf(tmp_path / "hf", dtype="f32")
     assert all(back[k].tobytes() == v.tobytes() for k, v in params.items())
 
+    # with --ema: the checkpoint's moving average of the trained parameters, the router biases as trained
+    ema = {name: value * 0.5 for name, value in state["params"].items()}
+    checkpoints = Checkpoints(tmp_path / "ema-ckpt")
+    checkpoints.save(7, {**state, "ema": ema}, {"total_steps": 7})
+    checkpoints.wait()
+    checkpoints.close()
+    assert main(["export-hf", str(spec_path), "--ckpt", str(tmp_path / "ema-ckpt"), "-o", str(tmp_path / "hf-ema"),
+                 "--ema"]) == 0
+    _, back = dsv3c.import_hf(tmp_path / "hf-ema", dtype="f32")
+    assert all(back[k].tobytes() == {**ema, **state["router_bias"]}[k].tobytes() for k in params)
+
     failing = [
         (["-o", str(tmp_path / "hf")], "already exists and is not an empty directory"),
         (["-o", str(tmp_path / "e"), "--ema"], "holds no EMA of the parameters"),
