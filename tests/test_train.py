@@ -263,10 +263,12 @@ def test_token_file_batches_and_errors(tmp_path):
 
 
 def test_readme_shows_what_the_first_command_prints(tiny_history):
-    """README.md's sample output of `dsv3c train examples/tiny.dsv3 --steps 200` is this run's. The README's run has
-    one CPU device and this suite eight, which changes the order of XLA:CPU's float32 sums: the losses agree to 0.1%
-    over the first 50 steps and drift apart later (2.4393 against 2.4190 at step 200), so later steps get 3%."""
+    """README.md's sample output of `dsv3c train examples/tiny.dsv3 --steps 200` (section "Two commands") is this
+    run's. The README's run has one CPU device and this suite eight, which changes the order of XLA:CPU's float32
+    sums: the losses agree to 0.1% over the first 50 steps and drift apart later (2.4393 against 2.4190 at step 200),
+    so later steps get 3%."""
     readme = (EXAMPLES.parent / "README.md").read_text()
+    readme = readme[readme.index("## Two commands") : readme.index("\n## ", readme.index("## Two commands") + 1)]
     shown = re.findall(r"^step +(\d+)/200  loss (\S+)  lm (\S+)  mtp (\S+)", readme, re.MULTILINE)
     assert len(shown) >= 2, "the README's training sample has no step lines"
     for step, loss, lm, mtp in shown:
