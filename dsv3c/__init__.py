@@ -1,18 +1,39 @@
 """dsv3c: a compiler for DeepSeek-V3-family models.
 
 Text (`.dsv3`) -> typed spec -> dsv3 IR (xDSL) -> passes -> JAX -> StableHLO -> XLA. This module is the public face;
-everything a user needs is re-exported here.
+everything a user needs is re-exported here. The names that need JAX (compiling, running, HF import and export) are
+imported on first use, so that `dsv3c opt` and the other IR-only paths start without loading JAX.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
-from .program import Program, compile, prepare, write_dumps
-from .runtime.hf_export import export_hf
-from .runtime.hf_import import import_hf
+
+if TYPE_CHECKING:
+    from .program import Program, compile, prepare, write_dumps
+    from .runtime.hf_export import export_hf
+    from .runtime.hf_import import import_hf
+
+_LAZY = {
+    "Program": ".program", "compile": ".program", "prepare": ".program", "write_dumps": ".program",
+    "export_hf": ".runtime.hf_export", "import_hf": ".runtime.hf_import",
+}
 
 __all__ = [
     "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "export_hf", "import_hf", "load", "parse",
     "prepare", "write_dumps",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dsv3c' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
