@@ -17,12 +17,12 @@ from dsv3c.runtime.init import init_params
 from dsv3c.runtime.model import param_infos, run_model
 from dsv3c.runtime.train import make_loss_and_grads, split_params
 
-# One dense and one MoE layer under bf16 compute: stacked dense, attention and expert weights.
+# One MoE layer under bf16 compute: stacked attention, shared-expert (dense GEMMs) and routed-expert weights.
 MODEL = """
 model micro {{
   vocab 64
   dim 64
-  layers 2 {{ dense_first 1 }}
+  layers 1 {{ dense_first 0 }}
   attention mla {{ heads 2, q_lora_rank 32, kv_lora_rank 32, head_dim {{ nope 16, rope 8, v 16 }} }}
   ffn dense {{ hidden 128 }}
   ffn moe {{ experts 4 {{ top_k 2, shared 1, hidden 64 }} }}
@@ -64,10 +64,8 @@ def _raw_gradient_dtypes(module) -> dict[str, str]:
 
 # The weights that a bf16 GEMM reads once: the layers' projections (stacked) and the untied output head. Norm scales
 # and the router are read in f32, and the embedding by a lookup.
-GEMM_WEIGHTS = {"dense.ffn_down", "dense.ffn_gate", "dense.ffn_up", "dense.wkv_a", "dense.wkv_b", "dense.wo",
-                "dense.wq_a", "dense.wq_b", "head", "moe.experts_down", "moe.experts_gate", "moe.experts_up",
-                "moe.shared_down", "moe.shared_gate", "moe.shared_up", "moe.wkv_a", "moe.wkv_b", "moe.wo", "moe.wq_a",
-                "moe.wq_b"}
+GEMM_WEIGHTS = {"head", "moe.experts_down", "moe.experts_gate", "moe.experts_up", "moe.shared_down",
+                "moe.shared_gate", "moe.shared_up", "moe.wkv_a", "moe.wkv_b", "moe.wo", "moe.wq_a", "moe.wq_b"}
 EXPERT_WEIGHTS = {"moe.experts_down", "moe.experts_gate", "moe.experts_up"}
 
 
