@@ -29,6 +29,7 @@ from xdsl.dialects.builtin import (
     FloatAttr,
     IntegerAttr,
     IntegerType,
+    ModuleOp,
     StringAttr,
     TensorType,
 )
@@ -1044,3 +1045,8 @@ CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr, OutputRole
 def walk_params(root: Operation) -> list[ParamOp]:
     """Every parameter declared under `root`, in program order."""
     return [op for op in root.walk() if isinstance(op, ParamOp)]
+
+
+def find_optimizer(module: ModuleOp) -> OptimizerOp | None:
+    """The module's `dsv3.optimizer` (at most one: `dialects/checks.py`), or None for an inference program."""
+    return next((op for op in module.ops if isinstance(op, OptimizerOp)), None)

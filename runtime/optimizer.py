@@ -12,9 +12,9 @@ from .model import ParamInfo
 
 
 def optimizer_op(module: ModuleOp) -> dsv3.OptimizerOp:
-    for op in module.ops:
-        if isinstance(op, dsv3.OptimizerOp):
-            return op
+    op = dsv3.find_optimizer(module)
+    if op is not None:
+        return op
     raise UserError("the module declares no dsv3.optimizer (a train or forward program needs one)")
 
 

@@ -95,7 +95,7 @@ class LoweringContext:
     def for_module(cls, module: ModuleOp, params: dict[str, jax.Array], **fields: Any) -> LoweringContext:
         """A context for lowering `module`, with what its module-level attributes decide."""
         backend = module.attributes.get(FP8_BACKEND_ATTR)
-        optimizer = next((op for op in module.ops if isinstance(op, dsv3.OptimizerOp)), None)
+        optimizer = dsv3.find_optimizer(module)
         return cls(
             params=params,
             fp8_backend=backend.data if isinstance(backend, StringAttr) else "exact",
