@@ -30,7 +30,7 @@ from .frontend.parser import load
 from .frontend.source import read_source
 from .frontend.spec import ModelSpec
 from .pipeline import parse_passes, pipeline_text, run_pipeline
-from .report import build_report, model_flops, roofline
+from .report import attach_roofline, build_report, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.ema import EMA, device_shardings
 from .runtime.init import init_params
@@ -468,11 +468,7 @@ def compile(
         r["flops_per_step"] = model_flops(module, batch, new_tokens, train=False) + attention_flops(
             module, batch, new_tokens, seq
         )
-        if "step_time_estimate_s" in r:
-            r["step_time_estimate_s"] = roofline(
-                r["flops_per_step"], r["memory_per_device_bytes"], r["collectives"], tgt.chip, len(device_list), False
-            )
-            r["mfu_estimate"] = r["step_time_estimate_s"]["compute"] / r["step_time_estimate_s"]["bound"]
+        attach_roofline(r, tgt.chip, train=False)
         r.update(kv_cache_report(module))
     prog.report["fp8"] = fp8_report(module, fp8_state, fp8_why, prog.compiled_text)
     for warning in prog.report.get("warnings", []):

@@ -226,7 +226,7 @@ def build_report(
     pipeline: str,
     compile_seconds: dict[str, float],
 ) -> dict[str, Any]:
-    """The `--report` dictionary (CONTRACT.md), with memory against HBM and a roofline step-time estimate."""
+    """The `--report` dictionary (CONTRACT.md), with memory against HBM and a roofline bound on step time."""
     counts = count_params(module)
     memory = memory_report(compiled)
     model = model_flops(module, batch, seq, train=mode == "train")
@@ -263,10 +263,29 @@ def build_report(
                 f"needs {total / 2**30:.1f} GiB per device but a {chip.kind} has {chip.hbm_bytes / 2**30:.0f} GiB: "
                 "use more chips, more FSDP/expert sharding, or recompute"
             )
-    if chip.peak_bf16_flops:
-        report["step_time_estimate_s"] = roofline(model, memory, comms, chip, devices, train=mode == "train")
-        report["mfu_estimate"] = report["step_time_estimate_s"]["compute"] / report["step_time_estimate_s"]["bound"]
+    attach_roofline(report, chip, train=mode == "train")
     return report
+
+
+ROOFLINE_NOTE = (
+    "a lower bound on step time, not a prediction: model FLOPs at the chip's peak, each argument byte read from HBM "
+    "once per pass, collective bytes at full interconnect bandwidth; 'perfect_overlap' assumes all three overlap "
+    "fully, 'no_overlap' that none do"
+)
+
+
+def attach_roofline(report: dict[str, Any], chip: Chip, train: bool) -> None:
+    """Sets `step_time_bound_s` and `mfu_upper_bound` from the report's FLOPs, memory and collectives (nothing
+    where the chip's peak is unknown, as on a CPU). The MFU bound is what perfect overlap at peak throughput would
+    give: a ceiling, which real steps stay well below."""
+    if not chip.peak_bf16_flops:
+        return
+    bounds = roofline(
+        report["flops_per_step"], report["memory_per_device_bytes"], report["collectives"], chip,
+        report["devices"], train=train,
+    )
+    report["step_time_bound_s"] = {**bounds, "note": ROOFLINE_NOTE}
+    report["mfu_upper_bound"] = bounds["compute"] / bounds["perfect_overlap"] if bounds["perfect_overlap"] else 0.0
 
 
 def roofline(
@@ -274,12 +293,15 @@ def roofline(
     train: bool,
 ) -> dict[str, float]:
     """Seconds per step if bound by compute (model FLOPs at peak), by HBM (each argument byte read once per pass:
-    three passes in training) or by collectives (bytes moved over the chip's interconnect); `bound` is the largest,
-    i.e. perfect overlap of the three."""
+    three passes in training) or by collectives (bytes moved over the chip's interconnect); `perfect_overlap` is the
+    largest of the three, `no_overlap` their sum."""
     compute = model_flops_ / (devices * chip.peak_bf16_flops)
     hbm = (3 if train else 1) * memory.get("arguments", 0) / chip.hbm_bandwidth
     network = sum(c["bytes"] for c in comms.values()) / chip.interconnect_bandwidth
-    return {"compute": compute, "memory": hbm, "collectives": network, "bound": max(compute, hbm, network)}
+    return {
+        "compute": compute, "memory": hbm, "collectives": network,
+        "perfect_overlap": max(compute, hbm, network), "no_overlap": compute + hbm + network,
+    }
 
 
 def _mesh_sizes(module: ModuleOp) -> dict[str, int]:

@@ -51,7 +51,13 @@ def test_tpu_compile_ahead_of_time_reports_per_device_memory(tpu_expert_parallel
     assert report["fits_hbm"] and report["hbm_per_device_bytes"] == 95 << 30
     memory = report["memory_per_device_bytes"]
     assert 0 < memory["arguments"] < 8 * 289_112 * 4  # sharded: well under params + AdamW state in f32 on one chip
-    assert 0 < report["mfu_estimate"] <= 1
+    bounds = report["step_time_bound_s"]  # a roofline bound, labelled as one: v5p peak 459 TFLOP/s, HBM 2.765 TB/s
+    assert bounds["compute"] == pytest.approx(report["flops_per_step"] / (4 * 459e12))
+    assert bounds["memory"] == pytest.approx(3 * memory["arguments"] / 2.765e12)
+    parts = [bounds["compute"], bounds["memory"], bounds["collectives"]]
+    assert (bounds["perfect_overlap"], bounds["no_overlap"]) == (pytest.approx(max(parts)), pytest.approx(sum(parts)))
+    assert "not a prediction" in bounds["note"]
+    assert report["mfu_upper_bound"] == pytest.approx(bounds["compute"] / bounds["perfect_overlap"])
     assert "dsv3-overlap{chunks=2 platform=\"tpu\"}" in report["pipeline"]
     with pytest.raises(dsv3c.UserError, match="compiled ahead of time"):
         tpu_expert_parallel.init_state(0)
