@@ -89,6 +89,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         f"({_count(r['params_active_per_token'])} active/token, MTP {_count(r['params_mtp'])}), "
         f"{r['flops_per_step']:.3e} FLOPs/step, {mem / 2**30:.2f} GiB/device"
     )
+    if "memory_breakdown" in r:
+        peak = r["memory_peak"]
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {size / 2**30:.2f}"
+            for name, size in sorted(r["memory_breakdown"].items(), key=lambda item: -item[1]) if size
+        )
+        print(f"temporaries {peak['temp'] / 2**30:.2f} GiB, at the peak ({peak['phase']}) in GiB: {parts}")
     return 0
 
 

@@ -46,7 +46,7 @@ from .runtime.sharding import (
     state_shardings,
 )
 from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make_train_step, split_params
-from .runtime.xla import compile_lowered
+from .runtime.xla import compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
@@ -442,7 +442,7 @@ def compile(
     clock = time.perf_counter()
     try:
         options = {**tgt.xla_options, **compiler_options(module)}
-        compiled, prog.compiled_text = compile_lowered(lowered, options, tgt.platform)
+        compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, mode == "train")
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -459,7 +459,7 @@ def compile(
     prog.dumps = [*dumps, ("stablehlo", prog.stablehlo), ("compiled", prog.compiled_text)]
     prog.report = build_report(
         module, compiled, prog.compiled_text, tgt, len(device_list), mode=mode, batch=batch, seq=seq,
-        shard_mode=shard_mode, pipeline=spec, compile_seconds=seconds,
+        shard_mode=shard_mode, pipeline=spec, compile_seconds=seconds, buffers=buffers,
     )
     if prog._decoder is not None:
         # one step: `seq` new tokens (prefill) or one (decode) attending over a cache of `seq` tokens
@@ -470,6 +470,7 @@ def compile(
         )
         attach_roofline(r, tgt.chip, train=False)
         r.update(kv_cache_report(module))
+    prog.report["xla_options"] = options
     prog.report["fp8"] = fp8_report(module, fp8_state, fp8_why, prog.compiled_text)
     for warning in prog.report.get("warnings", []):
         say(f"warning: {warning}")

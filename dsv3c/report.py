@@ -12,6 +12,9 @@ from xdsl.dialects.func import FuncOp
 from .dialects import dsv3
 from .dialects.mtp import mtp_ops
 from .dialects.sharding import MeshOp
+from .hlo_text import CALLS, INSTRUCTION, computations
+from .memory_breakdown import memory_breakdown
+from .runtime.xla import BufferDump
 from .targets import Chip, Target
 
 _COLLECTIVE = re.compile(
@@ -100,27 +103,9 @@ def flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIP_COUNT = re.compile(r"\"known_trip_count\":\{\"n\":\"(\d+)\"")
 _BOUND = re.compile(r"s32\[\][^=]*constant\((\d+)\)")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
-
-
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
-    """HLO text split into computations by name; also returns the entry computation's name."""
-    comps: dict[str, list[str]] = {}
-    entry, current = "", None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(1)
-            comps[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-        elif current is not None:
-            comps[current].append(line)
-    return comps, entry
 
 
 def _executions(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
@@ -132,7 +117,7 @@ def _executions(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
         for line in comps.get(name, []):
             loop = _WHILE.search(line)
             trips = {loop.group(2): _trip_count(line, comps.get(loop.group(1), []))} if loop else {}
-            for callee in _CALLS.findall(line):
+            for callee in CALLS.findall(line):
                 if callee in comps and callee not in runs:
                     runs[callee] = runs[name] * trips.get(callee, 1)
                     pending.append(callee)
@@ -153,7 +138,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """Per kind of collective: `count` and result `bytes` as executed in one step (collectives inside a scanned
     layer count once per layer), `static` (occurrences in the program text) and `async` (started asynchronously,
     so compute can be scheduled between start and done)."""
-    comps, entry = _computations(hlo_text)
+    comps, entry = computations(hlo_text)
     runs = _executions(comps, entry) if entry else {}
     found: dict[str, dict[str, int]] = {}
     for name, lines in (comps.items() if comps else [("", hlo_text.splitlines())]):
@@ -175,7 +160,6 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return found
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
 _COMPUTE = {"fusion", "convolution", "dot", "custom-call"}
 _COLLECTIVE_KINDS = {"all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute"}
 
@@ -184,10 +168,10 @@ def overlap(hlo_text: str) -> dict[str, dict[str, float]]:
     """Per kind of asynchronous collective (`all-to-all-start` ... `all-to-all-done`): how many there are, how many
     have compute (fusions, dots, convolutions, custom calls) scheduled between start and done, and the mean number of
     such ops inside. Read off the scheduled HLO, where instruction order is execution order."""
-    comps, _ = _computations(hlo_text)
+    comps, _ = computations(hlo_text)
     stats: dict[str, dict[str, float]] = {}
     for lines in comps.values():
-        parsed = [m.groups() for m in map(_INSTRUCTION.match, lines) if m]
+        parsed = [m.groups() for m in map(INSTRUCTION.match, lines) if m]
         open_starts: dict[str, tuple[str, int]] = {}
         for position, (name, opcode, rest) in enumerate(parsed):
             if opcode.endswith("-start"):
@@ -225,6 +209,7 @@ def build_report(
     shard_mode: str,
     pipeline: str,
     compile_seconds: dict[str, float],
+    buffers: BufferDump | None = None,
 ) -> dict[str, Any]:
     """The `--report` dictionary (CONTRACT.md), with memory against HBM and a roofline bound on step time."""
     counts = count_params(module)
@@ -263,6 +248,17 @@ def build_report(
                 f"needs {total / 2**30:.1f} GiB per device but a {chip.kind} has {chip.hbm_bytes / 2**30:.0f} GiB: "
                 "use more chips, more FSDP/expert sharding, or recompute"
             )
+    breakdown = memory_breakdown(buffers, compiled_text, report["vocab"]) if buffers is not None else None
+    if mode == "train" and breakdown is None:
+        report["warnings"].append(
+            "no memory_breakdown: XLA wrote no buffer assignment (an executable from JAX's compilation cache)"
+        )
+    if breakdown is not None:
+        report["memory_breakdown"] = breakdown.parts
+        report["memory_peak"] = {
+            "phase": breakdown.peak_phase, "instruction": breakdown.peak_instruction,
+            "in_use": sum(breakdown.parts.values()), "temp": memory.get("temp", 0),
+        }
     attach_roofline(report, chip, train=mode == "train")
     return report
 

@@ -273,6 +273,11 @@ class TpuTarget(Target):
 
     kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.SPLASH, "experts": Kernel.RAGGED_DOT}
     offers: ClassVar[frozenset[Kernel]] = Target.offers | {Kernel.SPLASH, Kernel.MEGABLOX}
+    xla_options: ClassVar[dict[str, Any]] = {"xla_jf_bf16_propagation": False}
+    """XLA:TPU's bf16 propagation sees a layer scan's f32 weights read only through casts to bf16, narrows the loop's
+    weight operands to bf16 and converts every layer's weights at once before the loop: a bf16 copy of each stacked
+    weight, live through forward and backward (4.3 of deepseek3-test's 16.0 GiB of temporaries per v5p chip with
+    fsdp=4, `benchmarks/RESULTS.md`). Without it each layer's slice is cast where it is used, as the program says."""
 
     def default_passes(self, mode: str) -> list[ModulePass]:
         """Training on a TPU slice is bound by HBM: full recompute (MaxText's default too) needs 5.3 GiB less than
