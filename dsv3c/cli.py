@@ -74,7 +74,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     prog = compile(
         args.input, target=args.target, mode=args.mode, batch=args.batch, seq=args.seq,
         mesh=mesh, shard_mode=args.shard_mode, pipeline=pipeline, log=_log,
-        devices=args.devices, rules=args.rules, fp8=args.fp8,
+        devices=args.devices, rules=args.rules, fp8=args.fp8, memory_breakdown=True,
     )
     if args.dump_ir:
         paths = write_dumps(prog.dumps, args.dump_ir)

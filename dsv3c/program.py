@@ -418,6 +418,7 @@ def compile(
     devices: int | None = None,
     rules: str = "",
     fp8: str | None = None,
+    memory_breakdown: bool | None = None,
 ) -> Program:
     """Compiles a spec, spec path, IR path or IR module for `target`.
 
@@ -426,7 +427,9 @@ def compile(
     (or `devices` > 1 on cpu) is sharded FSDP over all its chips. `steps` is the run length the learning-rate
     schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds `dsv3-fp8-quant`;
     FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked, and are refused
-    otherwise (see `dsv3c/fp8.py`)."""
+    otherwise (see `dsv3c/fp8.py`). A train step's report gets `memory_breakdown` when asked, and by default for a
+    target compiled ahead of time (reading XLA's buffer assignment means having XLA dump it: a few seconds that a
+    program compiled to run here does not need)."""
     say = log or _quiet
     prog, seconds = _prepare(source, target, mode, batch, seq, mesh, shard_mode, pipeline, steps, say, devices,
                              rules, fp8)
@@ -442,7 +445,8 @@ def compile(
     clock = time.perf_counter()
     try:
         options = {**tgt.xla_options, **compiler_options(module)}
-        compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, mode == "train")
+        breakdown = mode == "train" and (not tgt.local if memory_breakdown is None else memory_breakdown)
+        compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, breakdown)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -471,6 +475,10 @@ def compile(
         attach_roofline(r, tgt.chip, train=False)
         r.update(kv_cache_report(module))
     prog.report["xla_options"] = options
+    if breakdown and "memory_breakdown" not in prog.report:
+        prog.report["warnings"].append(
+            "no memory_breakdown: XLA wrote no buffer assignment (the executable came from JAX's compilation cache)"
+        )
     prog.report["fp8"] = fp8_report(module, fp8_state, fp8_why, prog.compiled_text)
     for warning in prog.report.get("warnings", []):
         say(f"warning: {warning}")

@@ -249,10 +249,6 @@ def build_report(
                 "use more chips, more FSDP/expert sharding, or recompute"
             )
     breakdown = memory_breakdown(buffers, compiled_text, report["vocab"]) if buffers is not None else None
-    if mode == "train" and breakdown is None:
-        report["warnings"].append(
-            "no memory_breakdown: XLA wrote no buffer assignment (an executable from JAX's compilation cache)"
-        )
     if breakdown is not None:
         report["memory_breakdown"] = breakdown.parts
         report["memory_peak"] = {
