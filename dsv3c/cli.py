@@ -350,7 +350,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         check_output_file(args.write_spec, "--write-spec")
     _prepare_platform(args)  # before JAX starts a backend
     from .frontend.rewrite import parallel_block, with_parallel_block
-    from .plan import GiB, format_table, plan, winner_comment
+    from .planner import GiB, format_table, plan, winner_comment
     from .targets import resolve_target
 
     clock = time.perf_counter()

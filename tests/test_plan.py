@@ -19,7 +19,7 @@ from dsv3c.dialects.text import print_ir
 from dsv3c.estimate import estimate, model_facts
 from dsv3c.frontend.rewrite import parallel_block, with_parallel_block
 from dsv3c.frontend.spec import ParallelSpec
-from dsv3c.plan import PlanRow, choose_winner, meshes
+from dsv3c.planner import PlanRow, choose_winner, meshes
 from dsv3c.report import model_flops
 from dsv3c.targets import CHIPS
 
