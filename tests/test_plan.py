@@ -241,7 +241,10 @@ def test_plan_exits_1_when_nothing_fits(tmp_path, capsys):
     assert main([*args, "--write-spec", str(out)]) == 1
     captured = capsys.readouterr()
     assert captured.out.rstrip().endswith("no layout fits") and "0 compiled" in captured.out
-    assert "pruned by the estimate (above HBM)" in captured.out and not out.exists()
+    assert "pruned: the estimate is above HBM: " in captured.out and not out.exists()
+    rows = dsv3c.plan(spec, "tpu-v5e-4", batch=1024, seq=1 << 20)  # the same, from Python
+    assert {r.status for r in rows} == {"pruned", "refused"} and not any(r.winner for r in rows)
+    assert all(r.estimate.total > 16 << 30 for r in rows if r.status == "pruned")
 
 
 @pytest.mark.parametrize(("args", "message"), [
