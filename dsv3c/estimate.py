@@ -33,6 +33,7 @@ from xdsl.ir import SSAValue
 from .dialects import dsv3
 from .dialects.remat import CheckpointOp, RematAction
 from .dialects.sharding import BATCH_AXES
+from .passes.overlap import OverlapPass
 from .passes.remat import POLICIES, RematPass, value_names
 from .passes.shard import DEFAULT_RULES, ShardingError, activation_constraints, describe, resolve, static_shape
 from .pipeline import run_pipeline
@@ -87,6 +88,7 @@ class Model:
     layers: int
     moe_layers: int
     top_k: int
+    expert_hidden: int  # the routed experts' width
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def model_facts(module: ModuleOp) -> Model:
         layers=sum(s.int_prop("count") for s in stacks),
         moe_layers=sum(s.int_prop("count") for s, _ in routers),
         top_k=routers[0][1].int_prop("top_k") if routers else 0,
+        expert_hidden=next((p.shape[-1] for p in params if p.name.endswith("experts_gate")), 0),
     )
 
 
@@ -200,7 +203,8 @@ def estimate(
     saved = sum(_bytes(a, local_batch, seq, ways["tensor"]) for a in model.saved[remat])
     logits = 0.0 if fused_head else sum(_bytes(a, local_batch, seq, ways["tensor"]) for a in model.logits)
     # The logits are gone before the layers' gradients exist: they count where they outgrow the gradients.
-    activations = saved + max(gathered.values(), default=0.0) + max(logits - gradients, 0.0)
+    activations = saved + max(gathered.values(), default=0.0) + _dispatch(model, mesh, local_batch * seq)
+    activations += max(logits - gradients, 0.0)
     hidden = local_batch * seq * model.dim * model.compute_itemsize
     for axis in ("tensor", "tensor_transpose"):
         if ways[axis] > 1:
@@ -215,6 +219,20 @@ def estimate(
         collective / chip.interconnect_bandwidth,
     )
     return Estimate(params, optimizer, gradients, round(activations), seconds)
+
+
+def _dispatch(model: Model, mesh: dict[str, int], tokens: int) -> float:
+    """One MoE layer's routed-expert rows on a device (`runtime/lower/experts.py`): with `ep` expert-parallel devices
+    and no capacity limit, each device receives a buffer of every local token from each of the `ep` devices, and
+    runs its experts over `top_k` (row, choice) pairs of each: the rows gathered in expert order, their gate and up
+    projections and the experts' output. The overlap pass splits the tokens into `OverlapPass.chunks` chunks."""
+    if not model.moe_layers:
+        return 0.0
+    ep = mesh.get("expert", 1)
+    chunk = tokens / (OverlapPass.chunks if math.prod(mesh.values()) > 1 else 1)
+    pairs = ep * chunk * model.top_k
+    hidden = model.expert_hidden / mesh.get("tensor", 1)
+    return model.compute_itemsize * (ep * chunk * model.dim + pairs * (2 * model.dim + 2 * hidden))
 
 
 def _saved(module: ModuleOp, policy: str) -> tuple[Activation, ...]:

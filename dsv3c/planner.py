@@ -178,8 +178,8 @@ def plan(
     run = _Runner(module, tgt, batch, seq, jobs or os.cpu_count() or 1, say)
     run.compile(first)
     fitting = choose_winner(first)
-    tried = {mesh_text(r.layout.mesh) for r in first}
-    more_meshes = [r for r in _best_meshes(rows, remat, mode, len(rows)) if mesh_text(r.layout.mesh) not in tried]
+    tried = [r.layout.mesh for r in first]
+    more_meshes = [r for r in _best_meshes(rows, remat, mode, len(rows)) if r.layout.mesh not in tried]
     second = (_variants(rows, fitting) if fitting else _lowest_estimates(rows)) + more_meshes
     run.compile(list({id(r): r for r in second}.values())[: budget - len(first)])
     for row in rows:
@@ -224,13 +224,19 @@ def _rank(row: PlanRow) -> tuple[float, int]:
 def _best_meshes(rows: list[PlanRow], remat: str, mode: str, count: int) -> list[PlanRow]:
     """The `count` best meshes by the estimate, each as its surviving layout with the target's default recompute
     policy, the unfused head loss and the first sharding mode (or, where that does not survive, its layout with the
-    least estimated memory)."""
-    by_mesh: dict[str, list[PlanRow]] = {}
+    least estimated memory). Meshes that differ only in how FSDP's ways are split between `fsdp` and
+    `fsdp_transpose` hold the same bytes and tie in the estimate: one of them stands for all (the plain `fsdp` one
+    where it survives), so that the budget goes to meshes that differ."""
+    families: dict[str, dict[str, list[PlanRow]]] = {}
     for row in rows:
         if row.status == "survives":
-            by_mesh.setdefault(mesh_text(row.layout.mesh), []).append(row)
+            mesh = row.layout.mesh
+            fsdp = mesh.get("fsdp", 1) * mesh.get("fsdp_transpose", 1)
+            family = mesh_text({**{a: n for a, n in mesh.items() if a != "fsdp_transpose"}, "fsdp": fsdp})
+            families.setdefault(family, {}).setdefault(mesh_text(mesh), []).append(row)
     chosen = []
-    for group in by_mesh.values():
+    for members in families.values():
+        group = min(members.values(), key=lambda g: "fsdp_transpose" in g[0].layout.mesh)
         base = [r for r in group if (r.layout.remat, r.layout.head_loss, r.layout.shard_mode) == (remat, "unfused",
                                                                                                      mode)]
         chosen.append(base[0] if base else min(group, key=lambda r: _rank(r)[1]))
