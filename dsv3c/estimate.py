@@ -8,12 +8,12 @@ Memory, bytes per device, is what must be live when the layers' backward pass st
   and its gradient (the compute dtype for a GEMM weight under `grads compute`, else the parameter's), each divided
   by the ways `dsv3-shard`'s rules split it on the mesh;
 - the activations the layout's recompute policy saves for the backward pass (`dsv3-remat`'s tags, read off the IR
-  after running the pass), every layer's input, one layer's weights gathered for its GEMMs, and the f32 logits when
-  the head loss is not fused (the larger of the logits and the gradients: the logits are gone before the layers'
-  gradients exist).
-It leaves out what XLA adds around them (the MoE dispatch buffers, each op's own temporaries, fusion copies), so it
-is below what XLA reports: on deepseek3-test / tpu-v5p-8 it gives 52 GiB where XLA needs 60. Far above a chip's HBM
-means the layout cannot fit.
+  after running the pass), every layer's input, one layer's weights gathered for its GEMMs, one MoE layer's
+  routed-expert rows (`_dispatch`), and the f32 logits when the head loss is not fused (where they outgrow the
+  gradients: the logits are gone before the layers' gradients exist).
+It leaves out what XLA adds around them (each op's own temporaries, the backward pass's copies, fusion buffers), so
+it is below what XLA reports: on deepseek3-test / tpu-v5p-8 (fsdp=4, full recompute) it gives 52 GiB where XLA needs
+60. Above a chip's HBM, the layout cannot fit.
 
 Time, seconds per step, is the compile report's roofline (`dsv3c/report.py`) with collective bytes estimated instead
 of read off the compiled program: FSDP-style weight gathers (forward and again in backward) and gradient

@@ -125,10 +125,11 @@ def choose_winner(rows: Sequence[PlanRow]) -> PlanRow | None:
 
     The bound is the compile report's roofline: model FLOPs at peak, argument bytes from HBM, collective bytes over
     the interconnect. It counts the model's FLOPs, not recomputed ones, so recompute policies differ in it only
-    through their collectives: on deepseek3-test / tpu-v5p-8 every layout is compute-bound and the bounds agree to
-    0.1%. Where the bound cannot tell layouts apart, the memory left free decides: headroom is what lets a run grow
-    its batch, and it is the reason the TPU target's default recomputes fully (MaxText's default too). A layout
-    whose bound is lower by more than the tolerance (fewer collectives) still wins, whatever its memory."""
+    through their collectives and memory traffic: on deepseek3-test / tpu-v5p-8 (benchmarks/RESULTS.md) five of the
+    six layouts compiled are compute-bound at the same 0.188 s, full recompute or DeepSeek's, and one is bound by its
+    collectives at 0.235 s. Where the bound cannot tell layouts apart, the memory left free decides: headroom is what
+    lets a run grow its batch, and it is the reason the TPU target's default recomputes fully (MaxText's default
+    too). A layout whose bound is lower by more than the tolerance (fewer collectives) wins whatever its memory."""
     fitting = [r for r in rows if r.status == "fits"]
     if not fitting:
         return None
@@ -173,9 +174,10 @@ def plan(
     if len(batch_refusals) == len(rows):
         raise UserError(f"batch {batch} does not divide over the batch axes of any layout of {chips} chips")
 
-    remat, mode, budget = default_remat(tgt), shard_modes[0], max(1, max_compiles)
-    first = _best_meshes(rows, remat, mode, budget - budget // 3)
-    run = _Runner(module, tgt, batch, seq, jobs or os.cpu_count() or 1, say)
+    remat, mode, budget, jobs = default_remat(tgt), shard_modes[0], max(1, max_compiles), jobs or os.cpu_count() or 1
+    # Two thirds of the budget to meshes, in whole rounds of `jobs` compiles (a round waits for its slowest).
+    first = _best_meshes(rows, remat, mode, max(jobs * ((budget - budget // 3) // jobs), 1))
+    run = _Runner(module, tgt, batch, seq, jobs, say)
     run.compile(first)
     fitting = choose_winner(first)
     tried = [r.layout.mesh for r in first]
@@ -382,17 +384,20 @@ def format_table(rows: Sequence[PlanRow], hbm: int, examples: int = 3) -> str:
     )]
     shown = compiled + [r for _, _, group in groups for r in group[:examples]]
     width = max([len("layout"), *(len(r.label) for r in shown)])
-    lines = [f"{'layout':<{width}}  {'GiB/device':>10} {'HBM':>4} {'step >=':>11} {'MFU <=':>6} {'compile':>7}  "
-             "result"]
+    lines = [f"{'layout':<{width}}  {'GiB/device':>10} {'temp':>6} {'HBM':>4} {'step >=':>11} {'MFU <=':>6} "
+             f"{'compile':>7}  result"]
     lines += [_line(r, hbm, width) for r in compiled]
     for _, title, group in groups:
         if group:
             lines.append(f"{title}: {len(group)} layout{'s' * (len(group) > 1)}, e.g.")
             lines += [_line(r, hbm, width) for r in group[:examples]]
+    lines.append("GiB per device as XLA assigns them (~: the analytic estimate, below XLA's figure); step >=: the "
+                 "roofline bound, MFU <=: the MFU it allows")
     return "\n".join(lines)
 
 
 def _line(row: PlanRow, hbm: int, width: int) -> str:
+    temp = f"{row.memory['temp'] / GiB:.3g}" if row.memory is not None else "-"
     if row.memory is not None:
         memory = f"{row.memory['total'] / GiB:.3g}"
     elif row.estimate is not None:
@@ -408,7 +413,8 @@ def _line(row: PlanRow, hbm: int, width: int) -> str:
         result = ""  # the group's title says why
     else:
         result = row.status + (f": {row.reason}" if row.reason else "")
-    return f"{row.label:<{width}}  {memory:>10} {hbm // GiB:>4} {bound:>11} {mfu:>6} {seconds:>7}  {result}".rstrip()
+    return (f"{row.label:<{width}}  {memory:>10} {temp:>6} {hbm // GiB:>4} {bound:>11} {mfu:>6} {seconds:>7}  "
+            f"{result}").rstrip()
 
 
 def winner_comment(row: PlanRow, target: str, batch: int, seq: int) -> str:
