@@ -1,6 +1,6 @@
-"""Rules about a whole dsv3 module, beyond what any one op can verify: one optimizer, `@model`'s tokens, parameter
-names that identify one array, one output of each unique role (`logits`, `loss`, `hidden`) per function, bias
-updates that name a router bias of the right shape, sizes within bounds.
+"""Rules about a whole dsv3 module, beyond what any one op can verify: one optimizer, one layout, `@model`'s tokens,
+parameter names that identify one array, one output of each unique role (`logits`, `loss`, `hidden`) per function,
+bias updates that name a router bias of the right shape, sizes within bounds.
 
 `verify_ir` runs them after the per-op verifiers, so a hand-edited file that breaks one is refused at the op to
 blame instead of failing inside the lowering (a `KeyError` for a misspelt bias) or training to NaN (two parameters
@@ -17,6 +17,7 @@ from xdsl.ir import Operation
 
 from ..frontend.limits import MAX_TENSOR_ELEMENTS, MAX_TOTAL_PARAMS
 from . import dsv3
+from .sharding import ParallelOp
 
 
 def module_problems(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
@@ -28,11 +29,13 @@ def module_problems(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
 
 
 def _optimizer_and_model(module: ModuleOp) -> Iterator[tuple[Operation, str]]:
-    """At most one optimizer (IR for inference or for one pass's test may have none), and `@model`'s first argument
-    the token batch, where there is a `@model` (the runtime says so when it needs one)."""
+    """At most one optimizer (IR for inference or for one pass's test may have none) and one layout, and `@model`'s
+    first argument the token batch, where there is a `@model` (the runtime says so when it needs one)."""
     optimizers = [op for op in module.ops if isinstance(op, dsv3.OptimizerOp)]
     for extra in optimizers[1:]:
         yield extra, "a second dsv3.optimizer: a module declares one"
+    for extra in [op for op in module.ops if isinstance(op, ParallelOp)][1:]:
+        yield extra, "a second dsv3.parallel: a module declares one layout"
     models = [op for op in module.ops if isinstance(op, FuncOp) and op.sym_name.data == "model"]
     if not models:
         return

@@ -29,6 +29,10 @@ from xdsl.utils.str_enum import StrEnum
 
 from .dsv3 import LayerStackOp, _Op
 
+POLICIES = ("none", "outputs", "deepseek", "full")
+"""The recompute policies of `dsv3-remat`, from keeping everything to keeping only each layer's input; a spec's
+`parallel { remat ... }` and the `dsv3.parallel` declaration name one of them."""
+
 
 class RematAction(StrEnum):
     """What the backward pass of a layer does with a tagged value."""

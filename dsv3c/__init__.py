@@ -16,18 +16,20 @@ from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from .planner import PlanRow, plan
     from .program import Program, compile, prepare, write_dumps
     from .runtime.hf_export import export_hf
     from .runtime.hf_import import import_hf
 
 _LAZY = {
     "Program": ".program", "compile": ".program", "prepare": ".program", "write_dumps": ".program",
+    "plan": ".planner", "PlanRow": ".planner",
     "export_hf": ".runtime.hf_export", "import_hf": ".runtime.hf_import",
 }
 
 __all__ = [
-    "ModelSpec", "Program", "SpecError", "UserError", "build_ir", "compile", "export_hf", "import_hf", "load", "parse",
-    "prepare", "write_dumps",
+    "ModelSpec", "PlanRow", "Program", "SpecError", "UserError", "build_ir", "compile", "export_hf", "import_hf",
+    "load", "parse", "plan", "prepare", "write_dumps",
 ]
 
 

@@ -1,7 +1,7 @@
-"""The `dsv3c` command: compile, opt, train.
+"""The `dsv3c` command: compile, opt, train, plan and the rest.
 
 Exit codes: 0 success, 2 a user error (printed `PATH:LINE:COL: error: ...` or `dsv3c: error: ...`, never a
-traceback), 1 an internal error."""
+traceback), 1 an internal error, or a plan in which no layout fits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .frontend.errors import SpecError, UserError
-from .frontend.limits import MAX_IR_BYTES
+from .frontend.limits import MAX_IR_BYTES, MAX_SPEC_BYTES
 from .frontend.source import read_source
 from .options import (
     MAX_SEED,
@@ -347,6 +347,48 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    check_input(args.input)
+    if args.write_spec:
+        if Path(args.input).suffix != ".dsv3":
+            raise UserError("--write-spec writes the winner into the input spec: INPUT must be a .dsv3 file, not IR")
+        check_output_file(args.write_spec, "--write-spec")
+    _prepare_platform(args)  # before JAX starts a backend
+    from .frontend.rewrite import parallel_block, with_parallel_block
+    from .planner import GiB, format_table, plan, winner_comment
+    from .targets import resolve_target
+
+    clock = time.perf_counter()
+    modes = ("auto", "explicit") if args.shard_mode == "both" else (args.shard_mode,)
+    rows = plan(args.input, args.target, args.batch, args.seq, jobs=args.jobs, max_compiles=args.max_compiles,
+                shard_modes=modes, devices=args.devices, log=_log)
+    wall = time.perf_counter() - clock
+    target = resolve_target(args.target)
+    chips, hbm = target.chips or args.devices, target.chip.hbm_bytes
+    winner = next((r for r in rows if r.winner), None)
+    compiled = sum(r.compile_seconds is not None for r in rows)
+    if args.json:
+        document = {"input": args.input, "target": target.name, "chips": chips, "batch": args.batch, "seq": args.seq,
+                    "hbm_per_device_bytes": hbm, "wall_seconds": wall, "winner": winner.label if winner else None,
+                    "rows": [r.to_json() for r in rows]}
+        print(json.dumps(document, indent=1))
+    else:
+        print(f"{args.input} on {target.name} ({chips} chips of {hbm // GiB} GiB), train batch {args.batch} seq "
+              f"{args.seq}: {len(rows)} layouts, {compiled} compiled, {wall:.0f} s")
+        print(format_table(rows, hbm))
+        print(f"winner: {winner.label}" if winner else "no layout fits")
+    if args.write_spec and winner is not None:
+        text = read_source(args.input, "spec", MAX_SPEC_BYTES)
+        block = parallel_block(winner.layout, winner_comment(winner, target.name, args.batch, args.seq))
+        _write_atomic(Path(args.write_spec), with_parallel_block(text, args.input, block))
+        _log(f"wrote {args.write_spec} with the winner's parallel block")
+    elif args.write_spec:
+        _log(f"nothing written to {args.write_spec}: no layout fits")
+    return 0 if winner is not None else 1
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     check_input(args.input)
     if Path(args.input).suffix == ".mlir":
@@ -372,7 +414,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -394,9 +436,11 @@ _SPEC_OR_IR = "a .dsv3 spec or a .mlir file of dsv3 IR (as --dump-ir writes it)"
 
 def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", metavar="AXIS=N,...", help="device mesh, e.g. fsdp=4,tensor=2 (axes: "
-                        "data, fsdp, fsdp_transpose, expert, tensor, tensor_transpose); default: FSDP over all devices")
-    parser.add_argument("--shard-mode", default="auto", choices=["auto", "explicit"],
-                        help="auto: XLA propagates shardings; explicit: JAX's explicit-axis sharding in the types")
+                        "data, fsdp, fsdp_transpose, expert, tensor, tensor_transpose); default: the spec's parallel "
+                        "block's, else FSDP over all devices")
+    parser.add_argument("--shard-mode", choices=["auto", "explicit"],
+                        help="auto: XLA propagates shardings; explicit: JAX's explicit-axis sharding in the types; "
+                        "default: the spec's parallel block's, else auto")
     parser.add_argument("--rules", default="", metavar="LOGICAL=AXIS+AXIS,...",
                         help="sharding rules tried before the defaults, e.g. embed=fsdp+expert,mlp=tensor")
     parser.add_argument("--devices", type=int_at_least(1), metavar="N",
@@ -556,6 +600,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-o", dest="output", required=True, metavar="OUT.dsv3", help="the spec to write")
     h.add_argument("--params", metavar="DIR", help="also write the parameters in the IR's layout (params.safetensors)")
     h.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="parameter/compute dtype; default: the config's")
+
+    n = command("plan", "choose the layout of a training step on a target's chips: meshes, recompute and memory "
+                "options, pruned by an estimate, the best few compiled ahead of time", _cmd_plan)
+    n.add_argument("input", metavar="INPUT", help=_SPEC_OR_IR)
+    n.add_argument("--target", required=True, help="tpu-v5p-N, tpu-v5e-N, tpu-v6e-N, gpu-h100 or gpu-h200 (with "
+                   "--devices)")
+    n.add_argument("--batch", type=int_at_least(1), required=True, help="sequences per step")
+    n.add_argument("--seq", type=int_at_least(1), required=True, help="tokens per sequence")
+    n.add_argument("--shard-mode", default="auto", choices=["auto", "explicit", "both"], help="sharding modes to try")
+    n.add_argument("--max-compiles", type=int_at_least(1), default=6, metavar="K",
+                   help="compile at most K layouts (each takes seconds to minutes)")
+    n.add_argument("--jobs", type=int_at_least(1), default=os.cpu_count() or 1, metavar="N",
+                   help="compiles at once, each in its own process")
+    n.add_argument("--devices", type=int_at_least(1), metavar="N", help="chips, for a target whose name does not "
+                   "fix them (gpu-h100, gpu-h200)")
+    n.add_argument("--json", action="store_true", help="print every layout as JSON instead of the table")
+    n.add_argument("--write-spec", metavar="OUT.dsv3", help="write INPUT with the winner as its parallel block")
 
     x = command("export-hf", "write a trained model as a HuggingFace DeepSeek-V3 directory (the inverse of "
                 "import-hf)", _cmd_export_hf)

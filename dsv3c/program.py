@@ -29,6 +29,7 @@ from .frontend.limits import MAX_IR_BYTES
 from .frontend.parser import load
 from .frontend.source import read_source
 from .frontend.spec import ModelSpec
+from .layout import applicable_layout, layout_passes
 from .pipeline import parse_passes, pipeline_text, run_pipeline
 from .report import attach_roofline, build_report, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
@@ -59,7 +60,7 @@ Locator = Callable[[Exception], Exception]
 _SPEC_FIELD = {
     "embed": "model.dim", "vocab": "model.vocab", "exp": "model.moe.experts", "q_lora": "model.attention.q_lora_rank",
     "kv_lora": "model.attention.kv_lora_rank", "q_heads": "model.attention.heads", "kv_heads": "model.attention.heads",
-    "heads": "model.attention.heads",
+    "heads": "model.attention.heads", "activation_heads": "model.attention.heads",
 }
 
 
@@ -69,8 +70,8 @@ def load_module(source: Source) -> ModuleOp:
 
 
 def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
-    """The IR and a function that turns a sharding error into one positioned in the source: at the spec field that
-    sets the offending size, or at the op in an IR file."""
+    """The IR and a function that turns a sharding or layout error into one positioned in the source: at the spec
+    field that sets the offending size (or the error's `field`), or at the op in an IR file."""
     if isinstance(source, str | Path) and not isinstance(source, ModelSpec):
         path = Path(source)
         if not path.exists():
@@ -90,7 +91,7 @@ def load_module_located(source: Source) -> tuple[ModuleOp, Locator]:
 
     def locate(err: Exception) -> Exception:
         logical = getattr(err, "logical", None)
-        field = _SPEC_FIELD.get(logical or "")
+        field = getattr(err, "field", None) or _SPEC_FIELD.get(logical or "")
         if logical == "mlp" and isinstance(getattr(err, "op", None), dsv3.ParamOp):
             field = "model.dense_ffn.hidden" if _feeds_dense_stack(err.op) else "model.moe.hidden"
         line, col = spec.positions.get(field or "", (0, 0))
@@ -107,12 +108,12 @@ def _feeds_dense_stack(param: dsv3.ParamOp) -> bool:
     )
 
 
-def _check_options(mode: str, batch: int, seq: int, shard_mode: str) -> None:
+def _check_options(mode: str, batch: int, seq: int, shard_mode: str | None) -> None:
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}' (expected one of {', '.join(MODES)})")
     if batch < 1 or seq < 1:
         raise UserError(f"batch and seq must be positive (got batch {batch}, seq {seq})")
-    if shard_mode not in ("auto", "explicit"):
+    if shard_mode not in (None, "auto", "explicit"):
         raise UserError(f"unknown shard mode '{shard_mode}' (expected auto or explicit)")
 
 
@@ -131,6 +132,7 @@ class Program:
         self.devices = devices
         self.dumps: list[tuple[str, str]] = []
         self.pipeline = ""  # the passes that ran, with every option spelled out
+        self.shard_mode = "auto"  # the sharding mode asked for (by the caller or the IR's layout)
         self.fp8_state = ("off", "")  # how FP8 GEMMs run, and why
         self.stablehlo = ""
         self.compiled_text = ""
@@ -344,7 +346,7 @@ def prepare(
     batch: int = 8,
     seq: int = 128,
     mesh: dict[str, int] | None = None,
-    shard_mode: str = "auto",
+    shard_mode: str | None = None,
     pipeline: str | None = "default",
     steps: int = 1000,
     log: Callable[[str], None] | None = None,
@@ -365,16 +367,14 @@ def _quiet(_message: str) -> None:
 
 
 def _prepare(
-    source: Source, target: str, mode: str, batch: int, seq: int, mesh: dict[str, int] | None, shard_mode: str,
-    pipeline: str | None, steps: int, say: Callable[[str], None], devices: int | None, rules: str, fp8: str | None,
+    source: Source, target: str, mode: str, batch: int, seq: int, mesh: dict[str, int] | None,
+    shard_mode: str | None, pipeline: str | None, steps: int, say: Callable[[str], None], devices: int | None,
+    rules: str, fp8: str | None,
 ) -> tuple[Program, dict[str, float]]:
     seconds: dict[str, float] = {}
     _check_options(mode, batch, seq, shard_mode)
     fp8 = check_fp8_option(fp8)
     tgt = resolve_target(target)
-    chips = tgt.chips or devices or 1
-    if mesh is None and chips > 1:
-        mesh = {"fsdp": chips}
     tgt.fp8_backend(fp8)  # refuses an FP8 request the target cannot serve, before any work
 
     clock = time.perf_counter()
@@ -383,8 +383,23 @@ def _prepare(
     seconds["parse"] = time.perf_counter() - clock
     say(f"parsed and built IR ({seconds['parse']:.2f}s)")
 
+    # The IR's declared layout fills what the caller left open; without one, a multi-chip target is FSDP over all.
+    layout = applicable_layout(module, tgt, devices, locate, say)
+    if layout is not None:
+        mesh = mesh if mesh is not None else layout.sizes
+        shard_mode = shard_mode or layout.mode.data
+    shard_mode = shard_mode or "auto"
+    chips = tgt.chips or devices or 1
+    if mesh is None and chips > 1:
+        mesh = {"fsdp": chips}
+
     clock = time.perf_counter()
-    base = tgt.default_passes(mode) if pipeline == "default" else parse_passes(pipeline or "")
+    if pipeline != "default":
+        base = parse_passes(pipeline or "")
+    elif layout is not None and mode == "train":
+        base = layout_passes(layout, tgt.default_passes(mode))
+    else:
+        base = tgt.default_passes(mode)
     request = PipelineRequest(fp8=fp8, mesh=dict(mesh or {}), shard_mode=shard_mode, rules=rules)
     passes = tgt.pipeline(base, mode, request)
     spec = pipeline_text(passes)
@@ -400,6 +415,7 @@ def _prepare(
     prog = Program(module, tgt, device_list, mode, batch, seq, steps)
     prog.dumps = dumps
     prog.pipeline = spec
+    prog.shard_mode = shard_mode
     prog.fp8_state = (fp8_state, fp8_why)
     return prog, seconds
 
@@ -411,7 +427,7 @@ def compile(
     batch: int = 8,
     seq: int = 128,
     mesh: dict[str, int] | None = None,
-    shard_mode: str = "auto",
+    shard_mode: str | None = None,
     pipeline: str | None = "default",
     steps: int = 1000,
     log: Callable[[str], None] | None = None,
@@ -423,13 +439,15 @@ def compile(
     """Compiles a spec, spec path, IR path or IR module for `target`.
 
     `pipeline` is `default` (the mode's default passes), a `-p` style pass list, or None/"" for no passes. A `mesh`
-    ({"fsdp": 4, "tensor": 2}) adds the shard pass with `shard_mode` and `rules`; without one, a multi-chip target
-    (or `devices` > 1 on cpu) is sharded FSDP over all its chips. `steps` is the run length the learning-rate
-    schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds `dsv3-fp8-quant`;
-    FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked, and are refused
-    otherwise (see `dsv3c/fp8.py`). A train step's report gets `memory_breakdown` when asked, and by default for a
-    target compiled ahead of time (reading XLA's buffer assignment means having XLA dump it: a few seconds that a
-    program compiled to run here does not need)."""
+    ({"fsdp": 4, "tensor": 2}) adds the shard pass with `shard_mode` (None: `auto`) and `rules`; without one, a
+    multi-chip target (or `devices` > 1 on cpu) is sharded FSDP over all its chips. A layout the IR declares (a
+    spec's `parallel` block) supplies the mesh, the shard mode and, to train, the default pipeline's recompute and
+    head-loss passes wherever these arguments leave them open (`dsv3c/layout.py`). `steps` is the run length the
+    learning-rate schedule decays over when the IR's `decay_steps` is 0. `fp8` (`native` or `emulate`) adds
+    `dsv3-fp8-quant`; FP8 ops run natively where the target has FP8 hardware, are emulated on the CPU or when asked,
+    and are refused otherwise (see `dsv3c/fp8.py`). A train step's report gets `memory_breakdown` when asked, and by
+    default for a target compiled ahead of time (reading XLA's buffer assignment means having XLA dump it: a few
+    seconds that a program compiled to run here does not need)."""
     say = log or _quiet
     prog, seconds = _prepare(source, target, mode, batch, seq, mesh, shard_mode, pipeline, steps, say, devices,
                              rules, fp8)
@@ -463,7 +481,7 @@ def compile(
     prog.dumps = [*dumps, ("stablehlo", prog.stablehlo), ("compiled", prog.compiled_text)]
     prog.report = build_report(
         module, compiled, prog.compiled_text, tgt, len(device_list), mode=mode, batch=batch, seq=seq,
-        shard_mode=shard_mode, pipeline=spec, compile_seconds=seconds, buffers=buffers,
+        shard_mode=prog.shard_mode, pipeline=spec, compile_seconds=seconds, buffers=buffers,
     )
     if prog._decoder is not None:
         # one step: `seq` new tokens (prefill) or one (decode) attending over a cache of `seq` tokens

@@ -24,6 +24,7 @@ from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 
 from ..dialects import dsv3
 from ..dialects.checks import module_problems
+from ..dialects.sharding import ParallelOp
 from .errors import SpecError
 from .spec import AttentionSpec, ModelSpec, MoESpec
 
@@ -284,7 +285,8 @@ def _emit_moe_outputs(em: _Emitter, balance: SSAValue, load: SSAValue, bias_para
 
 
 def build_ir(spec: ModelSpec) -> ModuleOp:
-    """The whole model as a dsv3 module: an optimizer declaration and `func.func @model(tokens)`."""
+    """The whole model as a dsv3 module: an optimizer declaration, the layout of a `parallel` block, and
+    `func.func @model(tokens)`."""
     o = spec.optimizer
     module = ModuleOp([])
     module.body.block.add_op(dsv3.OptimizerOp(
@@ -292,6 +294,9 @@ def build_ir(spec: ModelSpec) -> ModuleOp:
         moments=o.moments, grads=o.grads, schedule=o.schedule, warmup=int(o.warmup), decay_steps=int(o.decay_steps),
         min_lr_ratio=o.min_lr_ratio, ema_decay=o.ema_decay,
     ))
+    if spec.parallel is not None:
+        p = spec.parallel
+        module.body.block.add_op(ParallelOp(p.mesh, p.shard_mode, p.remat, p.head_loss, p.target))
     func = FuncOp("model", ([TensorType(I32, [DYN, DYN])], []))
     module.body.block.add_op(func)
     block = func.body.block

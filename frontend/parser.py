@@ -30,6 +30,8 @@ from typing import Any
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from ..dialects.remat import POLICIES
+from ..dialects.sharding import HEAD_LOSS, MESH_AXES
 from .errors import SpecError
 from .limits import MAX_INT, MAX_MTP_DEPTH, MAX_NESTING, MAX_NUMBER_CHARS, MAX_SPEC_BYTES
 from .source import read_source
@@ -43,6 +45,7 @@ from .spec import (
     MoESpec,
     MTPSpec,
     OptimizerSpec,
+    ParallelSpec,
     RopeSpec,
     YarnSpec,
 )
@@ -315,14 +318,27 @@ _TRAIN = Block(
     parts={"optimizer": OptimizerSpec},
 )
 
+_PARALLEL = Block(
+    {
+        "mesh": Key(block=Block({axis: _field(_int(axis)) for axis in MESH_AXES}), required=True, dest="mesh"),
+        "shard_mode": _field(_word("shard_mode", "auto", "explicit")),
+        "remat": _field(_word("remat", *POLICIES)),
+        "head_loss": _field(_word("head_loss", *HEAD_LOSS)),
+        "target": _field(Slot("name", "target")),
+    },
+    ParallelSpec,
+)
+
 SCHEMA = Block(
     {
         "model": Key((Slot("name", "name", label="model name"),), _MODEL, required=True),
         "train": Key(block=_TRAIN),
+        "parallel": Key(block=_PARALLEL, dest="parallel"),
     }
 )
-"""The whole language: the top level holds `model NAME { ... }` (required) and `train { ... }` (optional). Both fill
-`ModelSpec`, which `parse` builds itself because it also needs the file name and the positions."""
+"""The whole language: the top level holds `model NAME { ... }` (required), `train { ... }` and `parallel { ... }`
+(optional). All fill `ModelSpec`, which `parse` builds itself because it also needs the file name and the
+positions."""
 
 # --------------------------------------------------------------------------------------------------------------------
 # Syntax: text -> entries
@@ -684,11 +700,17 @@ def _check_rope(spec: ModelSpec) -> Iterator[Problem]:
         )
 
 
+def _check_parallel(spec: ModelSpec) -> Iterator[Problem]:
+    if spec.parallel is not None and not spec.parallel.mesh:
+        yield Problem("model.parallel.mesh", f"the mesh names no axis (axes: {', '.join(MESH_AXES)})")
+
+
 _CHECKS: tuple[Callable[[ModelSpec], Iterator[Problem]], ...] = (
     _check_dense_first,
     _check_dense_ffn,
     _check_experts,
     _check_rope,
+    _check_parallel,
 )
 """Rules no single field can state. Each yields at most a few problems; the first one found is reported."""
 

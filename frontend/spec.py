@@ -150,6 +150,23 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """How to lay a training step out on a target's chips: the `parallel { ... }` block, as `dsv3c plan
+    --write-spec` writes it or a user does by hand.
+
+    `mesh` maps mesh axes to sizes (`{"fsdp": 2, "tensor": 2}`), `shard_mode` is the `dsv3-shard` mode, `remat` the
+    `dsv3-remat` policy (None: the target's default), `head_loss` whether the output head and its loss run fused
+    (`dsv3-fuse-head-loss`). With `target`, only compiles for that target use the block. The builder writes it into
+    the IR as `dsv3.parallel`, which `dsv3c.compile` reads for the defaults the caller leaves open."""
+
+    mesh: dict[str, int]
+    shard_mode: Literal["auto", "explicit"] = "auto"
+    remat: Literal["none", "outputs", "deepseek", "full"] | None = None
+    head_loss: Literal["unfused", "fused"] = "unfused"
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A whole DeepSeek-V3-family model. `moe is None` makes every layer dense."""
 
@@ -169,6 +186,7 @@ class ModelSpec:
     dtypes: DTypeSpec = field(default_factory=DTypeSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     data: DataSpec | None = None
+    parallel: ParallelSpec | None = None
     path: str = "<string>"
     positions: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 

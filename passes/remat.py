@@ -42,11 +42,10 @@ from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..dialects import dsv3
-from ..dialects.remat import CheckpointOp, RematAction
+from ..dialects.remat import POLICIES, CheckpointOp, RematAction
 from ..dialects.sharding import ShardOp
 from ..frontend.errors import UserError
 
-POLICIES = ("none", "outputs", "deepseek", "full")
 LATENT_AXES = ("q_lora", "kv_lora")
 """Logical axes of MLA's compressed latents: a projection out of one is an up-projection."""
 

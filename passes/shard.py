@@ -190,9 +190,26 @@ def _is_vocab_projection(op: dsv3.MatmulOp) -> bool:
 
 
 def _constrain(value: SSAValue, layout: tuple[str, ...], mesh: dict[str, int], rules: Sequence[Rule]) -> None:
-    dims = resolve(layout, [-1] * len(layout), mesh, rules)
+    try:
+        dims = resolve(layout, static_shape(value), mesh, rules)
+    except ShardingError as err:
+        owner = value.owner if isinstance(value.owner, Operation) else None
+        raise ShardingError(f"{describe(value)}: {err}", owner, err.logical) from None
     if any(dims):
         _insert_shard(value, dims)
+
+
+def describe(value: SSAValue) -> str:
+    """An activation in a message: its SSA name, else the op that computes it."""
+    if value.name_hint:
+        return f"activation '{value.name_hint}'"
+    return f"the activation of {value.owner.name}" if isinstance(value.owner, Operation) else "a layer's input"
+
+
+def static_shape(value: SSAValue) -> list[int]:
+    """A value's shape with its dynamic (batch, sequence) dimensions as -1, which `resolve` does not check: the
+    batch is checked against the mesh where it is fed."""
+    return [-1 if d == dsv3.DYN else d for d in dsv3.shape_of(value)]
 
 
 def _insert_shard(value: SSAValue, dims: Sequence[Sequence[str]]) -> None:
@@ -208,7 +225,9 @@ def _insert_shard(value: SSAValue, dims: Sequence[Sequence[str]]) -> None:
         use.operation.operands[use.index] = shard.result
 
 
-def _constrain_activations(module: ModuleOp, mesh: dict[str, int], rules: Sequence[Rule]) -> None:
+def activation_constraints(module: ModuleOp) -> list[tuple[SSAValue, tuple[str, ...]]]:
+    """The activations the pass constrains, with their logical layouts: each layer's input, and what
+    `_activation_layout` picks."""
     targets: list[tuple[SSAValue, tuple[str, ...]]] = []
     for op in module.walk():
         if isinstance(op, dsv3.LayerStackOp):
@@ -217,7 +236,11 @@ def _constrain_activations(module: ModuleOp, mesh: dict[str, int], rules: Sequen
             layout = _activation_layout(result) if isinstance(result.type, TensorType) else None
             if layout is not None:
                 targets.append((result, layout))
-    for value, layout in targets:
+    return targets
+
+
+def _constrain_activations(module: ModuleOp, mesh: dict[str, int], rules: Sequence[Rule]) -> None:
+    for value, layout in activation_constraints(module):
         _constrain(value, layout, mesh, rules)
 
 

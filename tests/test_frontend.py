@@ -210,7 +210,7 @@ ALL_DENSE = BASE.replace(MOE_BLOCK, "").replace(" { dense_first 1 }", "")
 MALFORMED = [
     # unknown keys
     _case("unknown-key-top-level", "train {", "trian {", 19, 1, "unknown key 'trian' at top level (did you mean"),
-    _case("unknown-block-top-level", "train {", "optimizer adamw {", 19, 1, "expected one of: model, train)"),
+    _case("unknown-block-top-level", "train {", "optimizer adamw {", 19, 1, "expected one of: model, train, parallel)"),
     _case("unknown-key-nested", "v 16", "w 16", 9, 33, "unknown key 'w' in head_dim block (expected one of: nope"),
     _case("misspelled-key", "heads 4", "hedas 4", 6, 5, "'hedas' in attention block (did you mean 'heads'?)"),
     # required fields
@@ -271,6 +271,22 @@ MALFORMED = [
     _case("block-for-value", "vocab 256", "vocab { size 256 }", 2, 9, "'vocab' takes a value, not a block"),
     _case("too-many-values", "vocab 256", "vocab 1 2", 2, 11, "'vocab' takes 1 value, got 2"),
     _case("betas-one-value", "betas 0.9 0.95", "betas 0.9", 20, 30, "'betas' takes 2 values, got 1"),
+    # the parallel block (appended after line 21)
+    pytest.param(BASE + "parallel {\n  remat full\n}\n", 22, 1, "missing required field 'mesh' in parallel block",
+                 id="parallel-without-mesh"),
+    pytest.param(BASE + "parallel {\n  mesh { }\n}\n", 23, 3, "the mesh names no axis", id="parallel-empty-mesh"),
+    pytest.param(BASE + "parallel {\n  mesh { fdsp 2 }\n}\n", 23, 10, "unknown key 'fdsp' in mesh block (did you mean",
+                 id="parallel-unknown-axis"),
+    pytest.param(BASE + "parallel {\n  mesh { fsdp 0 }\n}\n", 23, 15, "'fsdp' must be positive, got 0",
+                 id="parallel-zero-axis"),
+    pytest.param(BASE + "parallel {\n  mesh { fsdp 2 }\n  remat most\n}\n", 24, 9,
+                 "'remat' expects one of: none, outputs, deepseek, full; got 'most'", id="parallel-bad-remat"),
+    pytest.param(BASE + "parallel {\n  mesh { fsdp 2 }\n  head_loss fuse\n}\n", 24, 13,
+                 "'head_loss' expects one of: unfused, fused; got 'fuse'", id="parallel-bad-head-loss"),
+    pytest.param(BASE + "parallel {\n  mesh { fsdp 2 }\n  shard mode\n}\n", 24, 3,
+                 "unknown key 'shard' in parallel block (did you mean 'shard_mode'?)", id="parallel-unknown-key"),
+    pytest.param(BASE + "parallel {\n  mesh { fsdp 2 }\n}\nparallel {\n  mesh { fsdp 4 }\n}\n", 25, 1,
+                 "duplicate key 'parallel' at top level", id="parallel-twice"),
 ]
 
 
@@ -294,3 +310,47 @@ def test_ema_goes_into_the_optimizer_declaration() -> None:
 
     assert decay(BASE.replace("train {", "train {\n  ema { decay 0.999 }")) == 0.999
     assert decay(BASE) is None
+
+
+PARALLEL = """\
+parallel {
+  mesh { tensor 2, fsdp 2 }   # written in any order
+  shard_mode explicit
+  remat full
+  head_loss fused
+  target tpu-v5p-8
+}
+"""
+
+
+def test_parallel_block() -> None:
+    spec = parse(BASE + PARALLEL)
+    assert spec.parallel is not None
+    assert spec.parallel.mesh == {"tensor": 2, "fsdp": 2}
+    p = spec.parallel
+    assert (p.shard_mode, p.remat, p.head_loss, p.target) == ("explicit", "full", "fused", "tpu-v5p-8")
+    assert spec.positions["model.parallel"] == (22, 1) and spec.positions["model.parallel.mesh"] == (23, 3)
+    defaults = parse(BASE + "parallel { mesh { fsdp 4 } }").parallel
+    assert defaults is not None
+    assert (defaults.shard_mode, defaults.remat, defaults.head_loss, defaults.target) == ("auto", None, "unfused", None)
+    assert parse(BASE).parallel is None
+
+
+def test_parallel_block_goes_into_the_ir_as_written() -> None:
+    """`dsv3.parallel` holds the block (the mesh in the canonical axis order, as `dsv3.mesh` has it), prints as one
+    line of the dump and parses back; a module has at most one."""
+    from dsv3c import build_ir
+    from dsv3c.dialects.sharding import ParallelOp
+    from dsv3c.dialects.text import parse_ir, print_ir
+
+    text = print_ir(build_ir(parse(BASE + PARALLEL)))
+    line = next(line.strip() for line in text.splitlines() if "dsv3.parallel" in line)
+    assert line == ('dsv3.parallel {axes = ["fsdp", "tensor"], shape = [2 : i64, 2 : i64], mode = "explicit", '
+                    'remat = "full", head_loss = "fused", target = "tpu-v5p-8"}')
+    (op,) = [op for op in parse_ir(text).ops if isinstance(op, ParallelOp)]
+    assert (op.sizes, op.remat_policy, op.target_name) == ({"fsdp": 2, "tensor": 2}, "full", "tpu-v5p-8")
+    assert "dsv3.parallel" not in print_ir(build_ir(parse(BASE)))
+    with pytest.raises(SpecError, match="a second dsv3.parallel"):
+        parse_ir(text.replace(line, f"{line}\n  {line}"), "two.mlir")
+    with pytest.raises(SpecError, match="remat must be one of"):
+        parse_ir(text.replace('remat = "full"', 'remat = "most"'), "bad.mlir")

@@ -236,7 +236,8 @@ def test_gpu_target_without_plugin_gives_the_install_hint(capsys):
 
 def test_help_gives_every_option_a_meaning(capsys):
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"compile", "opt", "train", "generate", "import-hf", "export-hf", "tokenizer", "passes"}
+    assert set(commands) == {"compile", "opt", "train", "generate", "import-hf", "export-hf", "tokenizer", "passes",
+                             "plan"}
     for name, command in commands.items():
         for action in command._actions:
             assert action.help, (name, action.dest)
