@@ -68,6 +68,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     check_write_dir(args.dump_ir, "--dump-ir")
     check_output_file(args.report, "--report")
     _prepare_platform(args)  # before JAX starts a backend
+    from .memory_breakdown import Breakdown, describe
     from .program import compile, write_dumps
 
     pipeline = "" if args.no_passes else (args.pipeline or "default")
@@ -91,11 +92,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )
     if "memory_breakdown" in r:
         peak = r["memory_peak"]
-        parts = ", ".join(
-            f"{name.replace('_', ' ')} {size / 2**30:.2f}"
-            for name, size in sorted(r["memory_breakdown"].items(), key=lambda item: -item[1]) if size
-        )
-        print(f"temporaries {peak['temp'] / 2**30:.2f} GiB, at the peak ({peak['phase']}) in GiB: {parts}")
+        breakdown = Breakdown(r["memory_breakdown"], peak["instruction"], peak["phase"])
+        print(f"temporaries {peak['temp'] / 2**30:.2f} GiB, {describe(breakdown)}")
     return 0
 
 

@@ -10,12 +10,14 @@ the peak is where that union is largest, and the parts are that union split by w
 parts do not cover is fragmentation of the packing.
 
 Parts, checked in this order for each buffer live at the peak:
-- `logits`: a buffer with a vocabulary-sized dimension (the logits, their softmax and gradient);
-- `gathered_weights`: the result of an all-gather (FSDP weights gathered for use, in forward or backward);
-- `gradients`: a buffer of a parameter's per-device shape made by the backward pass, or a reduce-scatter result
+- `logits`: a buffer with a vocabulary-sized dimension (the logits, their softmax and gradient), unless it is shaped
+  like a weight (a parameter's per-device shape, or the whole [hidden, vocab] output head or embedding);
+- `gathered_weights`: the result of an all-gather (FSDP weights gathered for use, in forward or backward), or of a
+  forward all-reduce of a weight-shaped buffer (XLA gathers a replicated operand that way);
+- `gradients`: a weight-shaped buffer made by the backward pass, or a reduce-scatter result
   (the gradient buffers and their accumulators across the layer scan);
 - `optimizer`: made inside the optimizer update (`jax.named_scope("optimizer")` in `runtime/train.py`);
-- `weight_copies`: any other buffer of a parameter's per-device shape: a copy, relayout or compute-dtype cast of a
+- `weight_copies`: any other weight-shaped buffer: a copy, relayout or compute-dtype cast of a
   whole weight (XLA hoisting a per-layer cast out of the layer scan makes one per stacked weight);
 - `saved_activations`: made by the forward pass and still live in the backward one (the residuals each layer keeps
   for its gradient, stacked over the layers by the scan);
@@ -78,7 +80,7 @@ class Breakdown:
     peak_phase: str  # "forward", "backward" or "update"
 
 
-def memory_breakdown(buffers: BufferDump, hlo_text: str, vocab: int) -> Breakdown | None:
+def memory_breakdown(buffers: BufferDump, hlo_text: str, vocab: int, hidden: int) -> Breakdown | None:
     """Bytes per part of the temporaries live at the peak of the step, per device (None when XLA's dump holds no
     temp allocation). The parts add up to the bytes in use at the peak, which is XLA's `temp` less the packing's
     fragmentation."""
@@ -87,38 +89,47 @@ def memory_breakdown(buffers: BufferDump, hlo_text: str, vocab: int) -> Breakdow
     if not temps:
         return None
     instructions = _instructions(hlo_text)
-    parameter_dims = _entry_parameter_dims(hlo_text)
+    weights = _entry_parameter_dims(hlo_text) | {(hidden, vocab), (vocab, hidden)}
     peak_time, live = _peak(temps)
     peak_name = _instruction_at(live_ranges, peak_time)
     at_peak = instructions.get(peak_name, _Instruction())
     parts = dict.fromkeys(PARTS, 0)
     for buffer, nbytes in live:
         made = instructions.get(buffer.name, _Instruction())
-        parts[_part(buffer, made, vocab, parameter_dims, at_peak.backward)] += nbytes
+        parts[_part(buffer, made, vocab, weights, at_peak.backward)] += nbytes
     phase = "backward" if at_peak.backward else "update" if "optimizer" in at_peak.op_name.split("/") else "forward"
     return Breakdown(parts, peak_name, phase)
 
 
-def _part(buffer: _Buffer, made: _Instruction, vocab: int, parameter_dims: set[tuple[int, ...]],
-          backward_peak: bool) -> str:
+def _part(buffer: _Buffer, made: _Instruction, vocab: int, weights: set[tuple[int, ...]], backward_peak: bool) -> str:
     named = buffer.name.split(".")[0]
-    if vocab in buffer.dims:
+    weight = buffer.dims in weights
+    if vocab in buffer.dims and not weight:
         return "logits"
-    if made.opcode.startswith("all-gather") or named == "all-gather":
-        return "gathered_weights"
-    if made.opcode.startswith("reduce-scatter") or named == "reduce-scatter" or (
-        made.backward and buffer.dims in parameter_dims
+    if made.opcode.startswith("all-gather") or named == "all-gather" or (
+        weight and made.opcode.startswith("all-reduce") and not made.backward
     ):
+        return "gathered_weights"
+    if made.opcode.startswith("reduce-scatter") or named == "reduce-scatter" or (made.backward and weight):
         return "gradients"
     if "optimizer" in made.op_name.split("/"):
         return "optimizer"
-    if buffer.dims in parameter_dims:
+    if weight:
         return "weight_copies"
     if backward_peak and not made.backward and (made.in_loop or made.op_name):
         return "saved_activations"
     if made.in_loop:
         return "layer_working_set"
     return "other"
+
+
+def describe(breakdown: Breakdown) -> str:
+    """The bytes in use at the peak and their parts, largest first, in GiB: what a person reads to see where the
+    memory went."""
+    parts = sorted(breakdown.parts.items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{name.replace('_', ' ')} {size / 2**30:.2f}" for name, size in parts if size >= 2**20)
+    in_use = sum(breakdown.parts.values()) / 2**30
+    return f"at the peak ({breakdown.peak_phase}) {in_use:.2f} GiB in use, of which {listed}"
 
 
 def _temp_buffers(buffer_assignment: str, live_ranges: str) -> list[_Buffer]:

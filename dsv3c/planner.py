@@ -37,7 +37,7 @@ from xdsl.dialects.builtin import ModuleOp
 from .dialects.sharding import MESH_AXES
 from .dialects.text import print_ir
 from .estimate import Estimate, Model, estimate, model_facts, refusal
-from .frontend.errors import Dsv3cError, UserError
+from .frontend.errors import DoesNotFitError, Dsv3cError, UserError
 from .frontend.spec import ParallelSpec
 from .layout import mesh_text, set_layout
 from .passes.remat import POLICIES, RematPass
@@ -319,10 +319,11 @@ def _record(row: PlanRow, result: dict[str, Any]) -> None:
     if "failed" in result:
         row.status, row.reason = "failed", result["failed"]
         return
+    if "out_of_memory" in result:
+        row.status, row.reason = "out of memory", result["out_of_memory"]
+        return
     if "error" in result:
-        out_of_memory = "does not fit" in result["error"]
-        row.status = "out of memory" if out_of_memory else "failed"
-        row.reason = result["error"]
+        row.status, row.reason = "failed", result["error"]
         return
     row.memory = result["memory"]
     row.step_time_bound_s = result["step_time_bound_s"]
@@ -357,6 +358,8 @@ def _compile_in_child(send: Connection, ir_text: str, target: str, batch: int, s
             "hbm": report["hbm_per_device_bytes"], "step_time_bound_s": report.get("step_time_bound_s"),
             "mfu_upper_bound": report.get("mfu_upper_bound"),
         }
+    except DoesNotFitError as err:
+        result = {"out_of_memory": f"XLA: {err.detail}{f' The temporaries {err.where}.' if err.where else ''}"}
     except Dsv3cError as err:
         result = {"error": str(err)}
     except Exception as err:  # a bug shows in its row; the plan goes on with the other layouts

@@ -24,14 +24,15 @@ from .dialects.dsv3 import OutputRole
 from .dialects.text import parse_ir_with_positions, print_ir, verify_ir
 from .fp8 import check_fp8_option, fp8_mode, fp8_report
 from .frontend.builder import build_ir
-from .frontend.errors import SpecError, UserError
+from .frontend.errors import DoesNotFitError, SpecError, UserError
 from .frontend.limits import MAX_IR_BYTES
 from .frontend.parser import load
 from .frontend.source import read_source
 from .frontend.spec import ModelSpec
 from .layout import applicable_layout, layout_passes
+from .memory_breakdown import describe, memory_breakdown
 from .pipeline import parse_passes, pipeline_text, run_pipeline
-from .report import attach_roofline, build_report, model_flops
+from .report import attach_roofline, build_report, model_dims, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.ema import EMA, device_shardings
 from .runtime.init import init_params
@@ -47,7 +48,7 @@ from .runtime.sharding import (
     state_shardings,
 )
 from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make_train_step, split_params
-from .runtime.xla import compile_with_buffers
+from .runtime.xla import OutOfDeviceMemory, compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
@@ -465,13 +466,12 @@ def compile(
         options = {**tgt.xla_options, **compiler_options(module)}
         breakdown = mode == "train" and (not tgt.local if memory_breakdown is None else memory_breakdown)
         compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, breakdown)
-    except jax.errors.JaxRuntimeError as err:
-        if "RESOURCE_EXHAUSTED" not in str(err):
-            raise
-        detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
-        raise UserError(
-            f"the {mode} step does not fit on {tgt.name} ({len(device_list)} devices): {detail} Use more chips, "
-            "shard more (--mesh), or recompute more (dsv3-remat{policy=full})"
+    except OutOfDeviceMemory as err:
+        where = _where_memory_went(err, module)
+        raise DoesNotFitError(
+            f"the {mode} step does not fit on {tgt.name} ({len(device_list)} devices): {err.detail}"
+            f"{f' The temporaries {where}.' if where else ''} Use more chips, shard more (--mesh), or recompute more "
+            "(dsv3-remat{policy=full})", err.detail, where,
         ) from None
     seconds["compile"] = time.perf_counter() - clock
     say(f"compiled with XLA for {tgt.name} on {len(device_list)} device(s) ({seconds['compile']:.2f}s)")
@@ -501,6 +501,14 @@ def compile(
     for warning in prog.report.get("warnings", []):
         say(f"warning: {warning}")
     return prog
+
+def _where_memory_went(err: OutOfDeviceMemory, module: ModuleOp) -> str:
+    """'at the peak (phase) in GiB: parts' when XLA left a buffer dump behind, so that a refused layout says what to
+    cut; '' otherwise."""
+    if err.buffers is None:
+        return ""
+    breakdown = memory_breakdown(err.buffers, err.hlo_text, *model_dims(module))
+    return describe(breakdown) if breakdown is not None else ""
 
 
 def write_dumps(dumps: list[tuple[str, str]], directory: str | Path) -> list[Path]:

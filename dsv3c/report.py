@@ -225,7 +225,7 @@ def build_report(
         "mode": mode,
         "batch": batch,
         "seq": seq,
-        "vocab": _vocab(module),
+        "vocab": model_dims(module)[0],
         "params_total": counts["total"],
         "params_active_per_token": counts["active"],
         "params_mtp": counts["mtp_total"],
@@ -248,7 +248,7 @@ def build_report(
                 f"needs {total / 2**30:.1f} GiB per device but a {chip.kind} has {chip.hbm_bytes / 2**30:.0f} GiB: "
                 "use more chips, more FSDP/expert sharding, or recompute"
             )
-    breakdown = memory_breakdown(buffers, compiled_text, report["vocab"]) if buffers is not None else None
+    breakdown = memory_breakdown(buffers, compiled_text, *model_dims(module)) if buffers is not None else None
     if breakdown is not None:
         report["memory_breakdown"] = breakdown.parts
         report["memory_peak"] = {
@@ -301,6 +301,10 @@ def _mesh_sizes(module: ModuleOp) -> dict[str, int]:
     return op.sizes if op else {}
 
 
-def _vocab(module: ModuleOp) -> int:
+def model_dims(module: ModuleOp) -> tuple[int, int]:
+    """(vocabulary, hidden size), read off the embedding table; (0, 0) for a module without one."""
     embed = next((p for p in dsv3.walk_params(module) if p.pname == "embed"), None)
-    return dsv3.shape_of(embed.result)[0] if embed else 0
+    if embed is None:
+        return 0, 0
+    vocab, hidden = dsv3.shape_of(embed.result)
+    return vocab, hidden

@@ -29,3 +29,13 @@ class SpecError(Dsv3cError):
 
 class UserError(Dsv3cError):
     """A user error with no source position (bad option, impossible target): `dsv3c: error: MESSAGE`, exit 2."""
+
+
+class DoesNotFitError(UserError):
+    """XLA refused a program whose buffers exceed the device's memory. `detail` is XLA's figure, `where` what filled
+    the memory at the peak (the memory breakdown's parts; empty when XLA left no buffer dump)."""
+
+    def __init__(self, message: str, detail: str, where: str):
+        super().__init__(message)
+        self.detail = detail
+        self.where = where

@@ -21,6 +21,16 @@ class BufferDump:
     live_ranges: str
 
 
+class OutOfDeviceMemory(Exception):
+    """XLA refused the program because its buffers exceed the device's memory. XLA has run buffer assignment by
+    then and dumped it (on every platform but a CPU compile without `buffers`), so the optimized HLO and the buffer
+    dump say what filled the memory."""
+
+    def __init__(self, detail: str, hlo_text: str, buffers: BufferDump | None):
+        super().__init__(detail)
+        self.detail, self.hlo_text, self.buffers = detail, hlo_text, buffers
+
+
 def compile_lowered(lowered: Any, options: dict[str, Any], platform: str) -> tuple[Any, str]:
     """(executable, optimized HLO text). `options` are XLA compiler options (e.g. the overlap pass's)."""
     compiled, text, _ = compile_with_buffers(lowered, options, platform, buffers=False)
@@ -32,16 +42,40 @@ def compile_with_buffers(
 ) -> tuple[Any, str, BufferDump | None]:
     """(executable, optimized HLO text, buffer dump when `buffers` and XLA wrote one)."""
     if platform == "cpu" and not buffers:
-        compiled = lowered.compile(compiler_options=options or None)
+        try:
+            compiled = lowered.compile(compiler_options=options or None)
+        except Exception as err:  # JAX raises its JaxRuntimeError for every XLA status
+            _raise_if_out_of_memory(err, None)
+            raise
         return compiled, compiled.as_text(), None
     with tempfile.TemporaryDirectory(prefix="dsv3c-xla-") as dump:
-        compiled = lowered.compile(
-            compiler_options={**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
-                              "xla_dump_hlo_pass_re": "^$"}
-        )
-        dumped = sorted(Path(dump).glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size)
-        text = dumped[-1].read_text() if dumped else compiled.as_text()
+        try:
+            compiled = lowered.compile(
+                compiler_options={**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+                                  "xla_dump_hlo_pass_re": "^$"}
+            )
+        except Exception as err:
+            _raise_if_out_of_memory(err, Path(dump))
+            raise
+        text = _optimized_text(Path(dump)) or compiled.as_text()
         return compiled, text, _read_buffers(Path(dump)) if buffers else None
+
+
+def _raise_if_out_of_memory(err: Exception, dump: Path | None) -> None:
+    """Turns XLA's RESOURCE_EXHAUSTED into OutOfDeviceMemory, with what XLA dumped before it gave up (read whether
+    or not the caller asked for buffers: a refused program is when a person most needs them)."""
+    if "RESOURCE_EXHAUSTED:" not in str(err):
+        return
+    detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+    text = _optimized_text(dump) if dump is not None else None
+    found = _read_buffers(dump) if dump is not None else None
+    raise OutOfDeviceMemory(detail, text or "", found) from None
+
+
+def _optimized_text(directory: Path) -> str | None:
+    """The optimized HLO of the largest module XLA dumped (the step), if it dumped one."""
+    dumped = sorted(directory.glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size)
+    return dumped[-1].read_text() if dumped else None
 
 
 def _read_buffers(directory: Path) -> BufferDump | None:

@@ -75,7 +75,7 @@ def test_the_peak_counts_aliases_once_and_names_each_buffers_part():
     """At position 6 act, logits, the all-gather, the loop's carried gradient and the loop's scratch are live:
     2048 + 3200 + 256 + 128 + 256 = 5888 bytes, the most at any position (5 has no scratch yet, 8 only the
     gradient and the update). grad.1 and while.1{1} are one buffer (same range) and count once."""
-    breakdown = memory_breakdown(BufferDump(ASSIGNMENT, LIVE_RANGES), HLO, vocab=50)
+    breakdown = memory_breakdown(BufferDump(ASSIGNMENT, LIVE_RANGES), HLO, vocab=50, hidden=8)
     assert breakdown is not None
     assert breakdown.peak_instruction == "scratch.1" and breakdown.peak_phase == "backward"
     expected = dict.fromkeys(PARTS, 0) | {
@@ -87,6 +87,71 @@ def test_the_peak_counts_aliases_once_and_names_each_buffers_part():
     }
     assert breakdown.parts == expected
     assert sum(breakdown.parts.values()) == 5888  # the whole temp allocation: this packing has no fragmentation
+
+
+# The output head [hidden 8, vocab 50] gathered whole by an all-reduce in the forward, its gradient all-reduced
+# whole in the backward, and the logits between them: only the logits are `logits`.
+HEAD_HLO = """HloModule jit_step
+
+ENTRY %main.2 (w.2: f32[2,50]) -> f32[2,50] {
+  %w.2 = f32[2,50]{1,0} parameter(0)
+  %all-reduce.2 = f32[8,50]{1,0} all-reduce(%w.2), metadata={op_name="jit(step)/jvp()/convert_element_type"}
+  %logits.2 = f32[16,50]{1,0} fusion(%all-reduce.2), calls=%fused.6, metadata={op_name="jit(step)/jvp()/dot"}
+  %all-reduce.3 = f32[8,50]{1,0} all-reduce(%logits.2), metadata={op_name="jit(step)/transpose(jvp())/dot"}
+  ROOT %update.2 = f32[2,50] fusion(%all-reduce.3), calls=%fused.7, metadata={op_name="jit(step)/optimizer/mul"}
+}
+"""
+
+HEAD_ASSIGNMENT = """BufferAssignment:
+allocation 0: size 6400, preallocated-temp:
+ value: <1 all-reduce.2 @0> (size=1600,offset=0): f32[8,50]{1,0}
+ value: <2 logits.2 @0> (size=3200,offset=1600): f32[16,50]{1,0}
+ value: <3 all-reduce.3 @0> (size=1600,offset=4800): f32[8,50]{1,0}
+"""
+
+HEAD_LIVE_RANGES = """HloLiveRange (max 5):
+  InstructionSequence:
+    0:w.2
+    1:all-reduce.2
+    2:logits.2
+    3:all-reduce.3
+    4:update.2
+  BufferLiveRange:
+    all-reduce.2{}:1-3
+    logits.2{}:2-3
+    all-reduce.3{}:3-4
+"""
+
+
+def test_the_output_heads_weight_and_gradient_are_not_logits():
+    """A [hidden, vocab] buffer is the head's weight, whichever collective made it: gathered in the forward, a
+    gradient in the backward. (Counted as logits, the 671B step's 5.3 GiB of head weight and gradient hid where
+    its memory went.)"""
+    breakdown = memory_breakdown(BufferDump(HEAD_ASSIGNMENT, HEAD_LIVE_RANGES), HEAD_HLO, vocab=50, hidden=8)
+    assert breakdown is not None and breakdown.peak_instruction == "all-reduce.3"
+    assert breakdown.parts == dict.fromkeys(PARTS, 0) | {"logits": 3200, "gathered_weights": 1600, "gradients": 1600}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_program_over_hbm_says_what_filled_it():
+    """XLA:TPU refuses a program whose temporaries exceed a v5p chip's 95 GiB, after it has assigned the buffers:
+    the refusal carries XLA's dump, and the breakdown finds the buffer that did it (a 100 GiB f32 outer product
+    that the sort must hold whole)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3c.runtime.xla import OutOfDeviceMemory, compile_with_buffers
+    from dsv3c.targets import resolve_target
+
+    n = 160_000  # n * n f32 values: 102 GB
+    device = resolve_target("tpu-v5p-8").devices(1)[0]
+    x = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    lowered = jax.jit(lambda v: jnp.sort(jnp.outer(v, v), axis=0)[0]).lower(x)
+    with pytest.raises(OutOfDeviceMemory) as refused:
+        compile_with_buffers(lowered, {}, "tpu", buffers=False)
+    assert "HBM" in refused.value.detail and refused.value.buffers is not None
+    breakdown = memory_breakdown(refused.value.buffers, refused.value.hlo_text, vocab=0, hidden=0)
+    assert breakdown is not None and sum(breakdown.parts.values()) >= n * n * 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
@@ -126,7 +191,7 @@ def test_tpu_target_keeps_each_layers_weight_cast_inside_the_scan():
     results = {}
     for name, options in (("xla default", {}), ("target", TpuTarget.xla_options)):
         compiled, text, buffers = compile_with_buffers(lowered, dict(options), "tpu", buffers=True)
-        breakdown = memory_breakdown(buffers, text, vocab=0)
+        breakdown = memory_breakdown(buffers, text, vocab=0, hidden=0)
         results[name] = (compiled.memory_analysis().temp_size_in_bytes, breakdown.parts["weight_copies"])
     assert results["xla default"][1] >= stack_copy, results  # the failure mode this guards against is real
     assert results["target"][1] == 0, results
