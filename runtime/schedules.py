@@ -86,7 +86,7 @@ class Schedule:
                     raise ValueError(f"{self.name}: rank {rank} runs {a} but chunk {a.stage} is on rank {where}")
         for f, b in self.overlapped:
             program = self.programs[self.placement[f.stage]]
-            i = program.index(f)
+            i = program.index(f) if f in program else -2
             if f.kind != Kind.F or b.kind != Kind.B or program[i + 1 : i + 2] != (b,):
                 raise ValueError(f"{self.name}: overlapped pair ({f}, {b}) is not a forward directly before a backward")
 
@@ -163,10 +163,10 @@ def _1f1b(ranks: int, microbatches: int, virtual: int) -> Schedule:
 
 
 def _zb(ranks: int, microbatches: int, virtual: int) -> Schedule:
-    """ZB-H1 (the zero-bubble paper's handcrafted schedule, its Megatron-DeepSpeed form with exact semantics): 1F1B's
-    order of F and B, but rank r holds back its first r weight gradients. A rank runs the W of its oldest pending
-    backward right after each backward from the rank-th on, and the r held-back ones at the very end, where 1F1B
-    would wait for gradients coming back down the pipeline. B then travels the pipeline without waiting for W."""
+    """ZB-H1 (Qi et al., arXiv 2401.10241; the order of sail-sg's ZeroBubbleH1Pipeline with exact semantics): 1F1B's
+    order of F and B, but rank r holds back its first r weight gradients: from its (r+1)-th backward on, each B is
+    followed by the W of the oldest backward still waiting for one, and the r held back run at the very end, where
+    1F1B would wait for gradients coming back down the pipeline. B travels back without waiting for any W."""
     _check(microbatches >= ranks, f"zb needs at least as many micro-batches as ranks ({microbatches} < {ranks})")
     programs = []
     for r in range(ranks):
