@@ -385,6 +385,8 @@ class LayerStackOp(_Op):
     count = prop_def(IntegerAttr)
     layer_kind = prop_def(StringAttr, prop_name="kind")
     remat = opt_prop_def(StringAttr)
+    chunks = opt_prop_def(ArrayAttr[IntegerAttr])
+    """Layers per pipeline chunk, in order (`dsv3-pipeline`, `dialects/pipeline.py`); absent when not pipelined."""
     traits = traits_def(RecursiveMemoryEffect())
     assembly_format = "operands attr-dict `:` functional-type(operands, results) $body"
 
@@ -399,9 +401,18 @@ class LayerStackOp(_Op):
             properties={"count": IntegerAttr(count, 64), "kind": StringAttr(kind)},
         )
 
+    @property
+    def chunk_layers(self) -> list[int] | None:
+        """Layers per pipeline chunk, or None when the stack is not pipelined."""
+        return None if self.chunks is None else [n.value.data for n in self.chunks.data]
+
     def verify_(self) -> None:
         count = self.int_prop("count")
         self.expect(count >= 1, "count must be at least 1")
+        chunks = self.chunk_layers
+        if chunks is not None:
+            self.expect(all(n >= 0 for n in chunks) and sum(chunks) == count,
+                        f"chunks {chunks} must be layer counts that add up to count = {count}")
         block = self.body.block
         args, operands = block.args, self.operands
         self.expect(len(args) == len(operands), f"region takes {len(args)} values but the stack has {len(operands)}")

@@ -55,6 +55,12 @@ def _overlap() -> type[ModulePass]:
     return OverlapPass
 
 
+def _pipeline() -> type[ModulePass]:
+    from .pipeline import PipelinePass
+
+    return PipelinePass
+
+
 def _remat() -> type[ModulePass]:
     from .remat import RematPass
 
@@ -83,6 +89,7 @@ ALL_PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "dsv3-mla-absorb": _mla_absorb,
     "dsv3-overlap": _overlap,
     "dsv3-mtp-draft": _mtp_draft,
+    "dsv3-pipeline": _pipeline,
     "dsv3-remat": _remat,
     "dsv3-shard": _shard,
 }
