@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from .. import fp8
 
@@ -77,7 +78,7 @@ def _block_loop(load_a, load_b, load_a_scale, load_b_scale, blocks: int, shape: 
         a, b = load_a(j), load_b(j)
         if widen:  # two FP8 formats: no single FP8 MMA takes them, BF16 holds both exactly
             a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-        partial = pl.dot(a, b, trans_b=b_transposed)  # f32 result, f32 accumulation
+        partial = plt.dot(a, b, trans_b=b_transposed)  # f32 result, f32 accumulation
         scale = load_a_scale(j)[:, None] * load_b_scale(j)[None, :]
         return acc + partial * scale
 
