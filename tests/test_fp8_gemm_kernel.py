@@ -351,3 +351,70 @@ def test_grouped_refuses_bad_operands(case):
     call, message = _bad_grouped_calls()[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU lowering (no GPU needed: lowering to StableHLO + Triton IR runs on the CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _triton_kernels(f, *args) -> list[str]:
+    """Lower `f` for CUDA and return the Triton IR of each Pallas kernel in it, as text. Every custom call must be
+    a Triton kernel (not Mosaic GPU, which a `pallas_call` without Triton compiler parameters would get). Reads
+    the kernel's serialized IR with jax 0.10.2's own Triton dialect context (an internal, pinned version)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+
+    module = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir()
+    blobs = []
+
+    def walk(op) -> None:
+        if op.name == "stablehlo.custom_call":
+            assert ir.StringAttr(op.attributes["call_target_name"]).value == "__gpu$xla.gpu.triton"
+            blobs.append(ir.StringAttr(ir.DictAttr(op.attributes["mhlo.backend_config"])["ir"]).value_bytes)
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    walk(inner.operation)
+
+    walk(module.operation)
+    texts = []
+    for blob in blobs:
+        with _new_ir_context():
+            texts.append(str(ir.Module.parse(blob)))
+    return texts
+
+
+_F8, _F32 = jnp.float8_e4m3fn, jnp.float32
+_S = jax.ShapeDtypeStruct
+LOWERINGS = {  # name: (function, abstract operands, the tt.dot operand type)
+    "forward": (block_scaled_matmul, (_S((256, 384), _F8), _S((256, 3), _F32), _S((384, 256), _F8), _S((3, 2), _F32)),
+                "128x128xf8E4M3FN"),
+    "dx": (block_scaled_matmul_dx, (_S((256, 256), _F8), _S((256, 2), _F32), _S((384, 256), _F8), _S((3, 2), _F32)),
+           "128x128xf8E4M3FN"),
+    "dw": (block_scaled_matmul_dw, (_S((384, 256), _F8), _S((384, 2), _F32), _S((256, 256), _F8), _S((2, 256), _F32)),
+           "128x128xf8E4M3FN"),
+    "grouped": (block_scaled_grouped_matmul,
+                (_S((256, 384), _F8), _S((256, 3), _F32), _S((4, 384, 256), _F8), _S((4, 3, 2), _F32),
+                 _S((4,), jnp.int32)),
+                "64x128xf8E4M3FN"),
+    "e5m2-dx-widened": (block_scaled_matmul_dx,
+                        (_S((256, 256), jnp.float8_e5m2), _S((256, 2), _F32), _S((384, 256), _F8), _S((3, 2), _F32)),
+                        "128x128xbf16"),
+}
+
+
+@pytest.mark.parametrize("case", LOWERINGS)
+def test_gpu_lowering_is_one_triton_kernel_with_an_fp8_dot_in_the_k_loop(case):
+    """On CUDA each entry point is one Triton kernel whose K loop (`scf.for`, the FP32 accumulator a loop-carried
+    tensor: registers) holds a `tt.dot` of FP8 operands into FP32: what Triton compiles to FP8 tensor-core MMAs.
+    Two FP8 formats meet as BF16 (exact widening)."""
+    f, args, operand = LOWERINGS[case]
+    (kernel,) = _triton_kernels(f, *args)
+    loops = [line for line in kernel.splitlines() if "scf.for" in line]
+    assert len(loops) == 1 and "iter_args" in loops[0] and "xf32>" in loops[0], loops
+    dots = [line for line in kernel.splitlines() if "tt.dot" in line]
+    assert len(dots) == 1, dots
+    assert f"tensor<{operand}> * tensor<" in dots[0] and dots[0].rstrip().split("->")[-1].split()[0].endswith(
+        "xf32>"
+    ), dots[0]

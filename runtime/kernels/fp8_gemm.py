@@ -52,6 +52,11 @@ from .. import fp8
 BLOCK_K = 128
 """The K-block: the width of an activation tile and the height of a weight block, promoted every BLOCK_K."""
 
+TRITON = plt.CompilerParams()
+"""Selects the Triton backend: without compiler parameters a GPU `pallas_call` lowers through Mosaic GPU
+(`jax_pallas_use_mosaic_gpu` defaults to on in jax 0.10.2, `pallas_call.py`'s GPU rule), which this kernel is not
+written for. Triton's default warps and stages: unmeasured, no GPU here."""
+
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -233,6 +238,7 @@ def block_scaled_matmul(
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         interpret=interpret,
+        compiler_params=TRITON,
         name="fp8_block_scaled_matmul",
     )(a_p, as_p, b_p, bs_p)
     return out[:m, :n]
@@ -333,6 +339,7 @@ def block_scaled_grouped_matmul(
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((total, np_), out_dtype),
         interpret=interpret,
+        compiler_params=TRITON,
         name="fp8_block_scaled_grouped_matmul",
     )(tile_group, a_p, as_p, b_p, bs_p)
     gathered = out[jnp.minimum(dest, total - 1), :n]
