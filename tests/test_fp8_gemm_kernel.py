@@ -31,6 +31,7 @@ from dsv3c.runtime.kernels import fp8_gemm
 from dsv3c.runtime.kernels.fp8_gemm import (
     BLOCK_K,
     block_scaled_grouped_matmul,
+    block_scaled_grouped_weight_grad,
     block_scaled_matmul,
     block_scaled_matmul_dw,
     block_scaled_matmul_dx,
@@ -302,6 +303,51 @@ def test_grouped_padding_tiles_are_skipped():
     assert np.all(np.asarray(tile_group[6:]) == -1)
 
 
+def _group_aligned(v: jax.Array, sizes: jax.Array) -> jax.Array:
+    """v's rows in `fp8.group_aligned_rows`'s layout for 128-row tiles, rows past the groups dropped: what
+    `fp8.grouped_weight_grad` quantises."""
+    dest, _, total = fp8.group_aligned_rows(sizes, v.shape[0], BLOCK_K)
+    dest = jnp.where(jnp.arange(v.shape[0]) < jnp.sum(sizes), dest, total)
+    return jnp.zeros((total, v.shape[1]), v.dtype).at[dest].set(v, mode="drop")
+
+
+@pytest.mark.parametrize("pow2", [True, False], ids=["pow2-scales", "any-scales"])
+@pytest.mark.parametrize("case", ["uneven-with-empty", "all-rows", "no-rows"])
+def test_grouped_weight_gradient_equals_grouped_weight_grad(case, pow2):
+    """dW[e] = x_e^T @ dY_e as `_grouped_bwd` computes it (`fp8.grouped_weight_grad`): rows padded per group to
+    128-row tiles, x and dY quantised per 128 x 1 tile, each expert's tiles its K-blocks. K = 256 and N = 200
+    in 64 x 128 output tiles (N padded)."""
+    r = _recipe(pow2)
+    _, _, t_xt, t_dy2 = r.backward_tilings()
+    tx = t_xt.transposed()
+    x, g = _normal(8, ROWS, GK), _normal(9, ROWS, GN)
+    sizes = jnp.asarray(GROUP_SIZES[case], jnp.int32)
+    groups = sizes.shape[0]
+    xq, xs = fp8.quantize(_group_aligned(x, sizes), tx)
+    gq, gs = fp8.quantize(_group_aligned(g, sizes), t_dy2)
+    ours = np.asarray(block_scaled_grouped_weight_grad(xq, xs, gq, gs, sizes, block_m=64, interpret=True))
+    assert ours.shape == (groups, GK, GN)
+    refs = {be: np.asarray(fp8.grouped_weight_grad(x, g, sizes, groups, tx, t_dy2, be)) for be in fp8.BACKENDS}
+    counts = (np.asarray(sizes) + BLOCK_K - 1) // BLOCK_K
+    starts = np.cumsum(counts) - counts
+    for e in range(groups):
+        if counts[e] == 0:
+            np.testing.assert_array_equal(ours[e], 0)
+            continue
+        rows = slice(starts[e] * BLOCK_K, (starts[e] + counts[e]) * BLOCK_K)
+        # as a dense GEMM: a = x_e^T per 1 x 128 tile along the rows, b = dY_e per 128 x 1
+        operands = (xq[rows].T, xs[starts[e] : starts[e] + counts[e]].T, t_xt, gq[rows],
+                    gs[starts[e] : starts[e] + counts[e]], t_dy2)
+        s = _abs_product(*operands)
+        bound = BLOCK_K + 2 * counts[e] + 2
+        assert _error_in_units(ours[e], refs["exact"][e], s) <= bound
+        assert _error_in_units(ours[e], refs["emulate"][e], s) <= 2 * bound
+        assert _error_in_units(ours[e], refs["native"][e], s) <= 4 * counts[e]
+        np.testing.assert_array_equal(ours[e], _bitwise(*operands, None))
+        if pow2:  # on whole column tiles (the reference's own bits depend on N, see `_whole_columns`)
+            np.testing.assert_array_equal(ours[e], _bitwise(*operands, "native"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +389,17 @@ def _bad_grouped_calls():
         "scales-not-per-expert": (lambda: block_scaled_grouped_matmul(rq, rs, wq, ws[0], sizes), "b_scales must be"),
         "contraction": (lambda: block_scaled_grouped_matmul(rq[:, :128], rs[:, :1], wq, ws, sizes), "contraction"),
         "block-m": (lambda: block_scaled_grouped_matmul(rq, rs, wq, ws, sizes, block_m=48), "block_m must be"),
+        "dw-rows-not-tiles": (
+            lambda: block_scaled_grouped_weight_grad(rq, rs[:1, :GK], rq, rs[:1, :GK], sizes), "whole number"
+        ),
+        "dw-rows-differ": (
+            lambda: block_scaled_grouped_weight_grad(rq[:128], rs[:1], rq[:256], rs[:2], sizes), "must share R"
+        ),
+        "dw-scales": (lambda: block_scaled_grouped_weight_grad(rq[:128], rs[:1], rq[:128], rs[:1], sizes), "x_scales"),
+        "dw-not-fp8": (
+            lambda: block_scaled_grouped_weight_grad(rq[:128].astype(jnp.float32), rs[:1], rq[:128], rs[:1], sizes),
+            "x must be",
+        ),
     }
 
 
@@ -398,6 +455,10 @@ LOWERINGS = {  # name: (function, abstract operands, the tt.dot operand type)
                 (_S((256, 384), _F8), _S((256, 3), _F32), _S((4, 384, 256), _F8), _S((4, 3, 2), _F32),
                  _S((4,), jnp.int32)),
                 "64x128xf8E4M3FN"),
+    "grouped-dw": (block_scaled_grouped_weight_grad,
+                   (_S((512, 256), _F8), _S((4, 256), _F32), _S((512, 256), _F8), _S((4, 256), _F32),
+                    _S((4,), jnp.int32)),
+                   "128x128xf8E4M3FN"),
     "e5m2-dx-widened": (block_scaled_matmul_dx,
                         (_S((256, 256), jnp.float8_e5m2), _S((256, 2), _F32), _S((384, 256), _F8), _S((3, 2), _F32)),
                         "128x128xbf16"),

@@ -27,6 +27,12 @@ Why Pallas's Triton backend and not Mosaic GPU (evidence from the installed jax 
   rather than through a `BlockSpec` index map; and every loaded tensor must have a power-of-two size, so tiles are
   powers of two and scales are loaded as [block_m] / [block_n] vectors.
 
+Entry points: `block_scaled_matmul` (the forward GEMM; `b_transposed` and `b_block_n` give the backward layouts),
+`block_scaled_matmul_dx` / `block_scaled_matmul_dw` (dX = dY @ W^T and dW = X^T @ dY, tiled as
+`runtime.lower.fp8._linear_bwd` tiles them), `block_scaled_grouped_matmul` (routed experts: forward, and d(rows)
+with `b_transposed`) and `block_scaled_grouped_weight_grad` (the experts' dW, as `fp8.grouped_weight_grad`: each
+expert's 128-row tiles are its K-blocks, walked by a loop of the expert's own length).
+
 Operands of two different FP8 formats (an E5M2 gradient against E4M3 weights) cannot meet in one `tt.dot`: both are
 widened to BF16 inside the kernel (exactly: both formats fit in BF16) and multiplied with FP32 accumulation, a BF16
 tensor-core GEMM rather than an FP8 one. DeepSeek-V3's recipe (E4M3 everywhere) never takes that path.
@@ -344,3 +350,81 @@ def block_scaled_grouped_matmul(
     )(tile_group, a_p, as_p, b_p, bs_p)
     gathered = out[jnp.minimum(dest, total - 1), :n]
     return jnp.where(valid[:, None], gathered, jnp.zeros((), out_dtype))
+
+
+def _grouped_wgrad_kernel(start_ref, count_ref, x_ref, xs_ref, g_ref, gs_ref, o_ref, *, block_m: int, block_n: int):
+    """One [block_m, block_n] tile of expert e's dW = x_e^T @ g_e, contracting over the expert's row tiles of
+    BLOCK_K rows (its K-blocks): x_ref [rows, Kp] and g_ref [rows, Np] whole (group-aligned rows), xs_ref
+    [tiles, Kp] and gs_ref [tiles, Np] their per-(BLOCK_K x 1) scales, start_ref/count_ref [G] each expert's first
+    tile and tile count (a loop of dynamic length: an empty expert's gradient is zero)."""
+    e = pl.program_id(0)
+    k0 = pl.multiple_of(pl.program_id(1) * block_m, block_m)
+    n0 = pl.multiple_of(pl.program_id(2) * block_n, block_n)
+    first = start_ref[e]
+
+    def body(t, acc):
+        tile = first + t
+        r0 = pl.multiple_of(tile * BLOCK_K, BLOCK_K)
+        x = x_ref[pl.ds(r0, BLOCK_K), pl.ds(k0, block_m)]
+        g = g_ref[pl.ds(r0, BLOCK_K), pl.ds(n0, block_n)]
+        if x.dtype != g.dtype:
+            x, g = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+        partial = plt.dot(x, g, trans_a=True)
+        scale = xs_ref[tile, pl.ds(k0, block_m)][:, None] * gs_ref[tile, pl.ds(n0, block_n)][None, :]
+        return acc + partial * scale
+
+    acc = lax.fori_loop(0, count_ref[e], body, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "interpret"))
+def block_scaled_grouped_weight_grad(
+    x: jax.Array, x_scales: jax.Array, g: jax.Array, g_scales: jax.Array, group_sizes: jax.Array, *,
+    out_dtype=jnp.float32, block_m: int = 128, block_n: int = 128, interpret: bool = False,
+) -> jax.Array:
+    """The experts' weight gradient dW[e] = x_e^T @ g_e -> [G, K, N], as `fp8.grouped_weight_grad` computes it:
+    x [R, K] and g [R, N] FP8 in the group-aligned layout of `fp8.group_aligned_rows(group_sizes, rows, 128)`
+    (each group's rows padded with zero rows to whole 128-row tiles, in group order, zero tiles after), scaled per
+    128 x 1 tile: x_scales [R/128, K], g_scales [R/128, N]. The contraction runs over each expert's own tiles, one
+    K-block per tile, in order. `block_m` x `block_n` tiles the [K, N] output of each expert."""
+    for name, v in (("x", x), ("g", g)):
+        if v.ndim != 2 or jnp.dtype(v.dtype) not in FP8_DTYPES:
+            raise ValueError(f"{name} must be a 2-D float8_e4m3fn/float8_e5m2 array, got {v.dtype}{v.shape}")
+    rows, k = x.shape
+    n = g.shape[1]
+    if g.shape[0] != rows or rows % BLOCK_K:
+        raise ValueError(
+            f"x [R, K] = {x.shape} and g [R, N] = {g.shape} must share R, a whole number of {BLOCK_K}-row tiles "
+            "(the group-aligned layout of fp8.group_aligned_rows)"
+        )
+    tiles = rows // BLOCK_K
+    for name, s, want in (("x_scales", x_scales, (tiles, k)), ("g_scales", g_scales, (tiles, n))):
+        if s.shape != want or jnp.dtype(s.dtype) != jnp.float32:
+            raise ValueError(f"{name} must be float32 [R/{BLOCK_K}, cols] = {want}, got {s.dtype}{s.shape}")
+    if jnp.dtype(out_dtype) not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    for name, t in (("block_m", block_m), ("block_n", block_n)):
+        if not _is_pow2(t) or t < 16:
+            raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles), got {t}")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers [G], got {group_sizes.dtype}{group_sizes.shape}")
+    groups = group_sizes.shape[0]
+    counts = ((group_sizes.astype(jnp.int32) + BLOCK_K - 1) // BLOCK_K).astype(jnp.int32)
+    starts = (jnp.cumsum(counts) - counts).astype(jnp.int32)
+    kp, np_ = _round_up(k, block_m), _round_up(n, block_n)
+    kernel = functools.partial(_grouped_wgrad_kernel, block_m=block_m, block_n=block_n)
+    out = pl.pallas_call(
+        kernel,
+        grid=(groups, kp // block_m, np_ // block_n),
+        in_specs=[pl.no_block_spec] * 6,  # whole arrays: each program walks its expert's row tiles
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda e, i, j: (e, i, j)),
+        out_shape=jax.ShapeDtypeStruct((groups, kp, np_), out_dtype),
+        interpret=interpret,
+        compiler_params=TRITON,
+        name="fp8_block_scaled_grouped_weight_grad",
+    )(
+        starts, counts,
+        _pad_last2(x, rows, kp), _pad_last2(x_scales, tiles, kp, 1.0),
+        _pad_last2(g, rows, np_), _pad_last2(g_scales, tiles, np_, 1.0),
+    )
+    return out[:, :k, :n]
