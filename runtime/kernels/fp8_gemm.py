@@ -37,6 +37,13 @@ Operands of two different FP8 formats (an E5M2 gradient against E4M3 weights) ca
 widened to BF16 inside the kernel (exactly: both formats fit in BF16) and multiplied with FP32 accumulation, a BF16
 tensor-core GEMM rather than an FP8 one. DeepSeek-V3's recipe (E4M3 everywhere) never takes that path.
 
+Performance is unmeasured (no GPU here), and some choices are guesses to check on Hopper: Triton's default warps
+and stages; 128 x 128 output tiles (64-row tiles for the grouped form); B read N-major in the forward pass (Hopper's
+FP8 wgmma wants both operands K-major, so Triton transposes B's tile through shared memory; dX's W, read as stored,
+is already K-major, which is why DeepGEMM takes its weights as [N, K]); the output written through a ref store
+that, in the Triton lowering, also loads the old tile. The lowering itself is checked on the CPU (the tests lower
+every entry point for CUDA and read the Triton IR back).
+
 Shapes that are not multiples of the tiles are padded with zeros in the wrappers (M to `block_m`, N to `block_n`,
 K to the 128-wide K-block; padded scales are 1) and the output is sliced back, so padding costs compute, never
 correctness. `interpret=True` runs the kernels in Pallas's interpreter on any backend (the tests do, on CPU).
@@ -97,8 +104,9 @@ def _block_loop(load_a, load_b, load_a_scale, load_b_scale, blocks: int, shape: 
 
 
 def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, b_transposed: bool, widen: bool):
-    """One [block_m, block_n] tile. a_ref [block_m, Kp], as_ref [block_m, blocks], b_ref [Kp, block_n] (or
-    [block_n, Kp] when `b_transposed`), bs_ref [blocks, block_n] (scales per output column)."""
+    """One [block_m, block_n] tile. a_ref [block_m, Kp], as_ref [blocks, block_m] (a's scales transposed, so a
+    block's row scales are one contiguous load), b_ref [Kp, block_n] (or [block_n, Kp] when `b_transposed`),
+    bs_ref [blocks, block_n] (scales per output column)."""
 
     def load_b(j):
         k0 = pl.multiple_of(j * BLOCK_K, BLOCK_K)
@@ -107,7 +115,7 @@ def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, b_transpo
     acc = _block_loop(
         lambda j: a_ref[:, pl.ds(pl.multiple_of(j * BLOCK_K, BLOCK_K), BLOCK_K)],
         load_b,
-        lambda j: as_ref[:, j],
+        lambda j: as_ref[j, :],
         lambda j: bs_ref[j, :],
         blocks, o_ref.shape, b_transposed, widen,
     )
@@ -117,8 +125,9 @@ def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, b_transpo
 def _grouped_kernel(tg_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, block_n: int,
                     b_transposed: bool, widen: bool):
     """One [block_m, block_n] tile of group-aligned rows. tg_ref [tiles] (int32): the tile's group, -1 for a tile
-    holding only padding (written as zeros, not computed). b_ref is the whole stack [G, Kp, Np] (or [G, Np, Kp]),
-    bs_ref [G, blocks, Np]: the tile's expert is picked by indexing them with its group."""
+    holding only padding (written as zeros, not computed); a_ref, as_ref as in `_dense_kernel`. b_ref is the
+    whole stack [G, Kp, Np] (or [G, Np, Kp]), bs_ref [G, blocks, Np]: the tile's expert is picked by indexing them
+    with its group."""
     g = tg_ref[pl.program_id(0)]
     n0 = pl.multiple_of(pl.program_id(1) * block_n, block_n)
 
@@ -133,7 +142,7 @@ def _grouped_kernel(tg_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int,
         acc = _block_loop(
             lambda j: a_ref[:, pl.ds(pl.multiple_of(j * BLOCK_K, BLOCK_K), BLOCK_K)],
             load_b,
-            lambda j: as_ref[:, j],
+            lambda j: as_ref[j, :],
             lambda j: bs_ref[g, j, pl.ds(n0, block_n)],
             blocks, o_ref.shape, b_transposed, widen,
         )
@@ -222,7 +231,7 @@ def block_scaled_matmul(
     mp, np_, kp = _round_up(m, block_m), _round_up(n, block_n), blocks * BLOCK_K
 
     a_p = _pad_last2(a, mp, kp)
-    as_p = _pad_last2(a_scales, mp, blocks, 1.0)
+    as_p = _pad_last2(a_scales, mp, blocks, 1.0).T
     b_p = _pad_last2(b, np_, kp) if b_transposed else _pad_last2(b, kp, np_)
     bs_p = _pad_last2(col_scales, blocks, np_, 1.0)
     if b_transposed:
@@ -237,7 +246,7 @@ def block_scaled_matmul(
         grid=(mp // block_m, np_ // block_n),
         in_specs=[
             pl.BlockSpec((block_m, kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((block_m, blocks), lambda i, j: (i, 0)),
+            pl.BlockSpec((blocks, block_m), lambda i, j: (0, i)),
             b_spec,
             pl.BlockSpec((blocks, block_n), lambda i, j: (0, j)),
         ],
@@ -326,7 +335,7 @@ def block_scaled_grouped_matmul(
 
     dest, tile_group, valid, total = _tile_table(group_sizes.astype(jnp.int32), rows, block_m)
     a_p = jnp.zeros((total, kp), a.dtype).at[dest, :k].set(a, mode="drop")
-    as_p = jnp.ones((total, blocks), jnp.float32).at[dest].set(a_scales, mode="drop")
+    as_p = jnp.ones((total, blocks), jnp.float32).at[dest].set(a_scales, mode="drop").T
     b_p = _pad_last2(b, np_, kp) if b_transposed else _pad_last2(b, kp, np_)
     bs_p = _pad_last2(col_scales, blocks, np_, 1.0)
     kernel = functools.partial(
@@ -338,7 +347,7 @@ def block_scaled_grouped_matmul(
         in_specs=[
             pl.no_block_spec,  # tile -> group table, read by the kernel (no scalar prefetch on Triton)
             pl.BlockSpec((block_m, kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((block_m, blocks), lambda i, j: (i, 0)),
+            pl.BlockSpec((blocks, block_m), lambda i, j: (0, i)),
             pl.no_block_spec,  # the whole weight stack, indexed by the tile's group
             pl.no_block_spec,
         ],
