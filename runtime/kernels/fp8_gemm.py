@@ -103,10 +103,24 @@ def _block_loop(load_a, load_b, load_a_scale, load_b_scale, blocks: int, shape: 
     return lax.fori_loop(0, blocks, body, jnp.zeros(shape, jnp.float32))
 
 
-def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, b_transposed: bool, widen: bool):
+def _b_scale_loader(bs_ref, lead: tuple, n_tile, block_n: int, b_block_n: int, per_tile: bool):
+    """K-block j -> b's scales for this program's block_n output columns, a [block_n] vector. `per_tile`: bs_ref
+    holds one scale per 128 x b_block_n block (whole [.., blocks, N/b_block_n]) and b_block_n is a multiple of
+    block_n, so the tile has one scale per K-block (a scalar load, broadcast); otherwise bs_ref holds one scale per
+    column (whole [.., blocks, Np]). `n_tile`: the program's N tile (read at the kernel's top level, where the
+    interpreter can substitute program ids)."""
+    if per_tile:
+        col = n_tile * block_n // b_block_n
+        return lambda j: jnp.broadcast_to(bs_ref[(*lead, j, col)], (block_n,))
+    n0 = pl.multiple_of(n_tile * block_n, block_n)
+    return lambda j: bs_ref[(*lead, j, pl.ds(n0, block_n))]
+
+
+def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, block_n: int, b_block_n: int,
+                  per_tile: bool, b_transposed: bool, widen: bool):
     """One [block_m, block_n] tile. a_ref [block_m, Kp], as_ref [blocks, block_m] (a's scales transposed, so a
     block's row scales are one contiguous load), b_ref [Kp, block_n] (or [block_n, Kp] when `b_transposed`),
-    bs_ref [blocks, block_n] (scales per output column)."""
+    bs_ref b's scales, whole (`_b_scale_loader`)."""
 
     def load_b(j):
         k0 = pl.multiple_of(j * BLOCK_K, BLOCK_K)
@@ -116,20 +130,21 @@ def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, b_transpo
         lambda j: a_ref[:, pl.ds(pl.multiple_of(j * BLOCK_K, BLOCK_K), BLOCK_K)],
         load_b,
         lambda j: as_ref[j, :],
-        lambda j: bs_ref[j, :],
+        _b_scale_loader(bs_ref, (), pl.program_id(1), block_n, b_block_n, per_tile),
         blocks, o_ref.shape, b_transposed, widen,
     )
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _grouped_kernel(tg_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, block_n: int,
-                    b_transposed: bool, widen: bool):
+def _grouped_kernel(tg_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int, block_n: int, b_block_n: int,
+                    per_tile: bool, b_transposed: bool, widen: bool):
     """One [block_m, block_n] tile of group-aligned rows. tg_ref [tiles] (int32): the tile's group, -1 for a tile
     holding only padding (written as zeros, not computed); a_ref, as_ref as in `_dense_kernel`. b_ref is the
-    whole stack [G, Kp, Np] (or [G, Np, Kp]), bs_ref [G, blocks, Np]: the tile's expert is picked by indexing them
-    with its group."""
+    whole stack [G, Kp, Np] (or [G, Np, Kp]), bs_ref its scales (`_b_scale_loader`): the tile's expert is picked
+    by indexing them with its group."""
     g = tg_ref[pl.program_id(0)]
-    n0 = pl.multiple_of(pl.program_id(1) * block_n, block_n)
+    n_tile = pl.program_id(1)
+    n0 = pl.multiple_of(n_tile * block_n, block_n)
 
     @pl.when(g >= 0)
     def _():
@@ -143,7 +158,7 @@ def _grouped_kernel(tg_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, blocks: int,
             lambda j: a_ref[:, pl.ds(pl.multiple_of(j * BLOCK_K, BLOCK_K), BLOCK_K)],
             load_b,
             lambda j: as_ref[j, :],
-            lambda j: bs_ref[g, j, pl.ds(n0, block_n)],
+            _b_scale_loader(bs_ref, (g,), n_tile, block_n, b_block_n, per_tile),
             blocks, o_ref.shape, b_transposed, widen,
         )
         o_ref[...] = acc.astype(o_ref.dtype)
@@ -179,8 +194,13 @@ def _check_common(a, a_scales, b, out_dtype, block_m: int, block_n: int) -> None
         )
 
 
-def _column_scales(b_scales: jax.Array, k: int, n: int, b_block_n: int, lead: tuple[int, ...]) -> jax.Array:
-    """Checked b scales [..., ceil(K/128), ceil(N/b_block_n)] -> one per output column [..., K-blocks, N]."""
+def _b_scale_operand(
+    b_scales: jax.Array, k: int, n: int, b_block_n: int, block_n: int, lead: tuple[int, ...]
+) -> tuple[jax.Array, bool]:
+    """Checked b scales [..., ceil(K/128), ceil(N/b_block_n)] -> (what the kernel reads, per_tile). When every
+    output tile lies in one b block (b_block_n a multiple of block_n: weights' 128 x 128 blocks), the scales as
+    they are; else one per output column [..., K-blocks, Np] (dY's 128 x 1 tiles are that already). Expanding
+    128 x 128 block scales per column would cost 128x their size (DeepSeek-V3's 256 experts: ~117 MB a GEMM)."""
     if b_block_n < 1:
         raise ValueError(f"b_block_n must be >= 1, got {b_block_n}")
     want = (*lead, math.ceil(k / BLOCK_K), math.ceil(n / b_block_n))
@@ -191,7 +211,10 @@ def _column_scales(b_scales: jax.Array, k: int, n: int, b_block_n: int, lead: tu
         )
     if jnp.dtype(b_scales.dtype) != jnp.float32:
         raise ValueError(f"b_scales must be float32, got {b_scales.dtype}")
-    return jnp.repeat(b_scales, b_block_n, axis=-1)[..., :n]
+    if b_block_n % block_n == 0:
+        return b_scales, True
+    columns = jnp.repeat(b_scales, b_block_n, axis=-1)[..., :n]
+    return _pad_last2(columns, columns.shape[-2], _round_up(n, block_n), 1.0), False
 
 
 def _pad_last2(x: jax.Array, rows: int, cols: int, value: float = 0) -> jax.Array:
@@ -226,20 +249,20 @@ def block_scaled_matmul(
     if kb_ != k:
         layout = "[N, K]" if b_transposed else "[K, N]"
         raise ValueError(f"a is [M, K] = {a.shape} but b {layout} is {b.shape}: contraction sizes differ")
-    col_scales = _column_scales(b_scales, k, n, b_block_n, ())
+    bs_p, per_tile = _b_scale_operand(b_scales, k, n, b_block_n, block_n, ())
     blocks = math.ceil(k / BLOCK_K)
     mp, np_, kp = _round_up(m, block_m), _round_up(n, block_n), blocks * BLOCK_K
 
     a_p = _pad_last2(a, mp, kp)
     as_p = _pad_last2(a_scales, mp, blocks, 1.0).T
     b_p = _pad_last2(b, np_, kp) if b_transposed else _pad_last2(b, kp, np_)
-    bs_p = _pad_last2(col_scales, blocks, np_, 1.0)
     if b_transposed:
         b_spec = pl.BlockSpec((block_n, kp), lambda i, j: (j, 0))
     else:
         b_spec = pl.BlockSpec((kp, block_n), lambda i, j: (0, j))
     kernel = functools.partial(
-        _dense_kernel, blocks=blocks, b_transposed=b_transposed, widen=a.dtype != b.dtype
+        _dense_kernel, blocks=blocks, block_n=block_n, b_block_n=b_block_n, per_tile=per_tile,
+        b_transposed=b_transposed, widen=a.dtype != b.dtype,
     )
     out = pl.pallas_call(
         kernel,
@@ -248,7 +271,7 @@ def block_scaled_matmul(
             pl.BlockSpec((block_m, kp), lambda i, j: (i, 0)),
             pl.BlockSpec((blocks, block_m), lambda i, j: (0, i)),
             b_spec,
-            pl.BlockSpec((blocks, block_n), lambda i, j: (0, j)),
+            pl.no_block_spec,  # b's scales, whole: a few per tile and K-block
         ],
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
@@ -329,7 +352,7 @@ def block_scaled_grouped_matmul(
         raise ValueError(f"a is [T, K] = {a.shape} but b {layout} is {b.shape}: contraction sizes differ")
     if group_sizes.shape != (groups,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be integers [G] = [{groups}], got {group_sizes.dtype}{group_sizes.shape}")
-    col_scales = _column_scales(b_scales, k, n, b_block_n, (groups,))
+    bs_p, per_tile = _b_scale_operand(b_scales, k, n, b_block_n, block_n, (groups,))
     blocks = math.ceil(k / BLOCK_K)
     np_, kp = _round_up(n, block_n), blocks * BLOCK_K
 
@@ -337,9 +360,9 @@ def block_scaled_grouped_matmul(
     a_p = jnp.zeros((total, kp), a.dtype).at[dest, :k].set(a, mode="drop")
     as_p = jnp.ones((total, blocks), jnp.float32).at[dest].set(a_scales, mode="drop").T
     b_p = _pad_last2(b, np_, kp) if b_transposed else _pad_last2(b, kp, np_)
-    bs_p = _pad_last2(col_scales, blocks, np_, 1.0)
     kernel = functools.partial(
-        _grouped_kernel, blocks=blocks, block_n=block_n, b_transposed=b_transposed, widen=a.dtype != b.dtype
+        _grouped_kernel, blocks=blocks, block_n=block_n, b_block_n=b_block_n, per_tile=per_tile,
+        b_transposed=b_transposed, widen=a.dtype != b.dtype,
     )
     out = pl.pallas_call(
         kernel,
