@@ -1,8 +1,8 @@
 """DeepSeek-V3's fine-grained FP8 GEMM as a Pallas kernel for NVIDIA Hopper (Pallas's Triton backend).
 
 out[M, N] = sum over K-blocks j (128 wide), in K order, of (A_j @ B_j in FP32) * a_scale[m, j] * b_scale[j, n],
-with A FP8 [M, K] scaled per 1 x 128 tile (f32 [M, K/128]) and B FP8 [K, N] scaled per 128 x `block_n` block (f32
-[K/128, N/block_n]; 128 for weights, 1 for the weight gradient's per-column dY tiles). This is what
+with A FP8 [M, K] scaled per 1 x 128 tile (f32 [M, K/128]) and B FP8 [K, N] scaled per 128 x `b_block_n` block
+(f32 [K/128, N/b_block_n]; 128 for weights, 1 for the weight gradient's per-column dY tiles). This is what
 `runtime.fp8.blocked_matmul` computes with whole-array ops; here one program computes one [block_m, block_n] output
 tile: the grid runs over (M tiles, N tiles) and the K loop is inside the kernel, the FP32 accumulator is a loop
 carry (registers, never memory), each block's FP32 partial is scaled by its row x column scales and added to it (the
@@ -13,19 +13,23 @@ Why Pallas's Triton backend and not Mosaic GPU (evidence from the installed jax 
   type (no widening; it only requires both operands to have the same element type) with an f32 accumulator, and
   its cast table accepts `float8_e4m3fn` from compute capability 8.9 (`_is_float8_e4m3fn_cast_supported`): an FP8
   `pl.dot` reaches Triton, which emits FP8 MMA/wgmma on sm_89/sm_90. The dot result is an ordinary register tensor,
-  so the per-block scale-and-add is one line (`acc + dot * scale`), exactly the reference's order of operations.
+  so the per-block scale-and-add is one line (`acc + dot * scale`), the reference's order of operations (which
+  the compiler may contract into one FMA per element: XLA:CPU does in interpret mode, see the tests).
 - Mosaic GPU (`jax/experimental/mosaic/gpu/wgmma.py`) does support FP8 wgmma (`_supported_wgmma_types`), but
   "Only 16-bit types support transposes": FP8 operands must be K-major in shared memory, so B (and W in dX = dY @
   W^T) would need a transposed copy or a second layout path; a wgmma accumulates into an accumulator reference, so
   per-block promotion needs a fresh accumulator per block, an explicit wait and a register copy; and operands need
   explicit SMEM swizzle/tiling transforms and a pipeline. The shipped Hopper examples
   (`experimental/pallas/ops/gpu/hopper_matmul_mgpu.py`, `ragged_dot_mgpu.py`) are 16-bit only. More machinery,
-  none of which can be exercised without a GPU.
+  none of which can be exercised without a GPU. The same `pallas_call`s lowered through Mosaic GPU (its default
+  on CUDA, see `TRITON`) were refused on the CPU: "Async copies only support copying <=256 elements along each
+  dimension", "async_copy requires all GMEM strides except the last one to be a multiple of 16 bytes" (the
+  scales), "kernel exceeds available shared memory" (the whole weight stack of the grouped form).
 - Costs of the choice: the Triton backend has no scalar prefetch (`lower_jaxpr_to_triton_module` raises "scalar
   prefetch not implemented in the Triton backend"), so the grouped kernel reads its tile->group table from an
   ordinary input inside the kernel and indexes the whole weight stack with it (pointer arithmetic in Triton)
   rather than through a `BlockSpec` index map; and every loaded tensor must have a power-of-two size, so tiles are
-  powers of two and scales are loaded as [block_m] / [block_n] vectors.
+  powers of two, and scales are loaded as [block_m] / [block_n] vectors or one scalar per tile.
 
 Entry points: `block_scaled_matmul` (the forward GEMM; `b_transposed` and `b_block_n` give the backward layouts),
 `block_scaled_matmul_dx` / `block_scaled_matmul_dw` (dX = dY @ W^T and dW = X^T @ dY, tiled as
