@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh
 from xdsl.dialects.builtin import ModuleOp
 
@@ -161,8 +162,11 @@ class Program:
             self._param_shardings, self._token_sharding = params, tokens
             self._init_params = jax.jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
             self._init_state = jax.jit(self._state_from_seed, out_shardings=state)
+            placed = state
+            if target.xla_lays_out_state and not target.local:
+                placed = jax.tree.map(lambda sharding: Format(Layout.AUTO, sharding), state)
             self._train_step = jax.jit(
-                step, in_shardings=(state, {"tokens": tokens}), out_shardings=(state, None), donate_argnums=0
+                step, in_shardings=(placed, {"tokens": tokens}), out_shardings=(placed, None), donate_argnums=0
             )
             self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
         self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))

@@ -127,6 +127,9 @@ class Target:
     """Every kernel the target can lower: plain-JAX kernels run anywhere, Pallas kernels only on their hardware."""
     xla_options: ClassVar[dict[str, Any]] = {}
     """XLA options every compile for the target gets (the IR's `dsv3.schedule` adds its own)."""
+    xla_lays_out_state: ClassVar[bool] = False
+    """Whether XLA chooses the memory layout of the training state (`Layout.AUTO`) when compiling ahead of time,
+    instead of taking row-major arrays: a run must then place the state in the compiled step's `input_formats`."""
 
     @classmethod
     def parse(cls, name: str) -> Target | None:
@@ -278,6 +281,11 @@ class TpuTarget(Target):
     weight operands to bf16 and converts every layer's weights at once before the loop: a bf16 copy of each stacked
     weight, live through forward and backward (4.3 of deepseek3-test's 16.0 GiB of temporaries per v5p chip with
     fsdp=4, `benchmarks/RESULTS.md`). Without it each layer's slice is cast where it is used, as the program says."""
+
+    xla_lays_out_state: ClassVar[bool] = True
+    """With row-major weights XLA:TPU copies whole stacked weights into the layout its GEMMs and gathers want, once
+    per step, and in explicit mode the widened gradients too (3.1 to 4.0 GiB of deepseek3-test's temporaries per v5p
+    chip, `benchmarks/RESULTS.md`); choosing the state's layout itself, it stores them that way."""
 
     def default_passes(self, mode: str) -> list[ModulePass]:
         """Training on a TPU slice is bound by HBM: full recompute (MaxText's default too) needs 5.3 GiB less than

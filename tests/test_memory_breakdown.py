@@ -196,3 +196,25 @@ def test_tpu_target_keeps_each_layers_weight_cast_inside_the_scan():
     assert results["xla default"][1] >= stack_copy, results  # the failure mode this guards against is real
     assert results["target"][1] == 0, results
     assert results["target"][0] <= results["xla default"][0] - stack_copy, results
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_tpu_target_lets_xla_lay_out_the_training_state():
+    """The TPU target's train step takes every leaf of its state in the layout XLA chooses (`layout_mode = "auto"`
+    on each state argument of the lowered step), so that XLA stores a stacked weight the way its GEMMs and gathers
+    read it instead of copying the whole stack each step (deepseek3-test / v5p-8: 3.1 GiB of copies gone,
+    `benchmarks/RESULTS.md`); the CPU, which runs its programs here, keeps row-major arrays."""
+    from pathlib import Path
+
+    import jax
+
+    import dsv3c
+    from dsv3c.targets import TpuTarget
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny.dsv3"
+    tpu = dsv3c.prepare(str(tiny), target="tpu-v5p-8", batch=4, seq=16)
+    cpu = dsv3c.prepare(str(tiny), target="cpu", batch=4, seq=16)
+    state_leaves = len(jax.tree.leaves(tpu.abstract_state()))
+    assert TpuTarget.xla_lays_out_state
+    assert tpu.lower().as_text().count('mhlo.layout_mode = "auto"') == 2 * state_leaves  # the state in and out
+    assert 'mhlo.layout_mode = "auto"' not in cpu.lower().as_text()
