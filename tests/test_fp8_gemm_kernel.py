@@ -147,7 +147,7 @@ def _forward_operands(shape: str, pow2: bool):
 
 
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2-scales", "any-scales"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", ["tiled", "pad-all"])
 def test_forward_equals_blocked_matmul(shape, pow2):
     """y = x @ w with 1 x 128 activation tiles and 128 x 128 weight blocks; 64-row tiles so M spans several."""
     r, xq, xs, wq, ws = _forward_operands(shape, pow2)
@@ -174,7 +174,7 @@ def test_tile_sizes_do_not_change_the_result(tiles):
 
 
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2-scales", "any-scales"])
-@pytest.mark.parametrize("shape", ["tiled", "pad-all"])
+@pytest.mark.parametrize("shape", ["pad-all"])
 def test_input_gradient_equals_linear_bwd(shape, pow2):
     """dX = dY @ W^T as `_linear_bwd` computes it: dY per 1 x 128, W^T with W's blocks transposed; the kernel
     reads W [K, N] in place (`b_transposed`) instead of a transposed copy."""
@@ -187,7 +187,7 @@ def test_input_gradient_equals_linear_bwd(shape, pow2):
 
 
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2-scales", "any-scales"])
-@pytest.mark.parametrize("shape", ["tiled", "pad-all"])
+@pytest.mark.parametrize("shape", ["pad-all"])
 def test_weight_gradient_equals_linear_bwd(shape, pow2):
     """dW = X^T @ dY as `_linear_bwd` computes it: X^T re-quantised per 1 x 128 along tokens, dY per 128 x 1
     (one scale per column and token block: `b_block_n=1`); the token count is the contraction (130: padded)."""
@@ -275,7 +275,7 @@ def test_grouped_forward_equals_blocked_ragged_matmul(case, pow2):
     _check_grouped(np.asarray(ours), rq, rs, r.x, wq, ws, r.w, sizes, pow2=pow2)
 
 
-@pytest.mark.parametrize("case", ["uneven-with-empty", "all-rows"])
+@pytest.mark.parametrize("case", ["uneven-with-empty"])
 def test_grouped_input_gradient_equals_grouped_bwd(case):
     """d(rows) = dY @ W_g^T as `_grouped_bwd` computes it, the expert weights read in place ([G, K, N])."""
     r, _, _, wq, ws = _grouped_operands(False)
