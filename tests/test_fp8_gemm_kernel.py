@@ -264,7 +264,7 @@ def _check_grouped(ours, a, a_scales, ta, b, b_scales, tb, sizes, *, pow2: bool)
 
 
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2-scales", "any-scales"])
-@pytest.mark.parametrize("case", GROUP_SIZES)
+@pytest.mark.parametrize("case", ["uneven-with-empty", "one-group", "no-rows"])
 def test_grouped_forward_equals_blocked_ragged_matmul(case, pow2):
     r, rq, rs, wq, ws = _grouped_operands(pow2)
     sizes = GROUP_SIZES[case]
