@@ -67,9 +67,12 @@ class PipelinePass(ModulePass):
         if len(layers) < chunks:
             raise UserError(f"dsv3-pipeline: {len(layers)} layers cannot fill the {chunks} chunks of {self.schedule} "
                             f"on {self.ranks} ranks: use fewer ranks")
-        ends = balanced_cut(layers, chunks, sum(_cost(o, self.seq) for o in prologue),
-                            sum(_cost(o, self.seq) for o in epilogue))
-        costs = _chunk_costs(layers, ends, prologue, epilogue, self.seq)
+        head = sum(_cost(o, self.seq) for o in prologue)
+        tail = sum(_cost(o, self.seq) for o in epilogue)
+        ends = balanced_cut(layers, chunks, head, tail)
+        costs = [sum(layers[start:end]) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+        costs[0] += head
+        costs[-1] += tail
         first = 0
         for stack in stacks:
             count = stack.int_prop("count")
@@ -142,11 +145,3 @@ def _cost(op: Operation, seq: int) -> float:
         width = nope + dsv3.shape_of(op.q_pe)[-1] + dsv3.shape_of(op.v)[-1]
         return 2.0 * (seq / 2) * heads * width
     return sum(_cost(inner, seq) for region in op.regions for inner in region.walk())
-
-
-def _chunk_costs(layers: list[float], ends: list[int], prologue: list[Operation], epilogue: list[Operation],
-                 seq: int) -> list[float]:
-    costs = [sum(layers[start:end]) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
-    costs[0] += sum(_cost(o, seq) for o in prologue)
-    costs[-1] += sum(_cost(o, seq) for o in epilogue)
-    return costs
