@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from xdsl.dialects.builtin import ArrayAttr, IntegerAttr
 from xdsl.dialects.utils import EnumAttribute
-from xdsl.ir import SpacedOpaqueSyntaxAttribute
+from xdsl.ir import Block, Operation, SpacedOpaqueSyntaxAttribute
 from xdsl.irdl import irdl_attr_definition, irdl_op_definition, prop_def
 from xdsl.utils.str_enum import StrEnum
 
-from .dsv3 import _Op
+from .dsv3 import LayerStackOp, ParamOp, _Op
+from .mtp import mtp_ops
+from .sharding import ShardOp
 
 
 class PipelineSchedule(StrEnum):
@@ -81,3 +83,28 @@ class PipelineOp(_Op):
 
 PIPELINE_OPS = [PipelineOp]
 PIPELINE_ATTRS = [PipelineScheduleAttr]
+
+
+def split_main_model(block: Block) -> tuple[list[LayerStackOp], list[Operation], list[Operation]]:
+    """The main model's layer stacks in order, the ops before the first (chunk 0's: the embedding) and after the
+    last (the last chunk's: head, losses, MTP modules). Between two stacks only parameter declarations may stand, and
+    each stack must take the previous one's hidden state: a pipeline stage boundary can then fall between any two
+    layers (the pipeline lowering skips those constraints: the layers' own keep the hidden state placed). Raises
+    ValueError otherwise."""
+    mtp = mtp_ops(block)
+    ops = list(block.ops)
+    stacks = [o for o in ops if isinstance(o, LayerStackOp) and o not in mtp]
+    if not stacks:
+        raise ValueError("the model has no layer stack to cut into stages")
+    first, last = ops.index(stacks[0]), ops.index(stacks[-1])
+    for op in ops[first:last]:
+        if not isinstance(op, LayerStackOp | ParamOp | ShardOp):
+            raise ValueError(f"'{op.name}' stands between two layer stacks: only parameters and sharding "
+                             "constraints may")
+    for before, after in zip(stacks, stacks[1:], strict=False):
+        hidden = after.operands[0]
+        while isinstance(hidden.owner, ShardOp):  # a constraint on the hidden state between the stacks
+            hidden = hidden.owner.operands[0]
+        if hidden != before.results[0]:
+            raise ValueError("a layer stack does not take the previous stack's hidden state")
+    return stacks, ops[:first], ops[last + 1:]

@@ -27,7 +27,7 @@ from .attributes import ShardingAttr
 from .dsv3 import _Op, shape_of
 from .remat import POLICIES
 
-MESH_AXES = ("data", "fsdp", "fsdp_transpose", "expert", "tensor", "tensor_transpose")
+MESH_AXES = ("pipe", "data", "fsdp", "fsdp_transpose", "expert", "tensor", "tensor_transpose")
 """The mesh axes dsv3c knows, in the order they are laid out on devices (the last varies fastest)."""
 
 BATCH_AXES = ("data", "fsdp", "fsdp_transpose", "expert")

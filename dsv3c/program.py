@@ -48,6 +48,7 @@ from .runtime.sharding import (
     param_shardings,
     state_shardings,
 )
+from .runtime.stages import stage_layout
 from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make_train_step, split_params
 from .runtime.xla import OutOfDeviceMemory, compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
@@ -142,6 +143,7 @@ class Program:
         self.infos = param_infos(module)
         self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
+        self.stages = stage_layout(module)  # a pipelined module's training state holds its layers by stage
         self.state_shardings: TrainState | None = None  # set below for a program on a mesh
         self._param_shardings: dict[str, jax.sharding.Sharding] | None = None
         self._token_sharding: jax.sharding.Sharding | None = None
@@ -156,7 +158,9 @@ class Program:
             self._forward = jax.jit(self._logits)
         else:
             params = param_shardings(module, self.mesh)
-            state = state_shardings(jax.eval_shape(self._state_from_seed, 0), params, self.mesh)
+            staged = params if self.stages is None else {
+                name: self.stages.staged_sharding(name, sharding) for name, sharding in params.items()}
+            state = state_shardings(jax.eval_shape(self._state_from_seed, 0), staged, self.mesh)
             self.state_shardings = state  # where each leaf of a training state lives (to place restored values)
             tokens = batch_sharding(self.mesh, batch)
             self._param_shardings, self._token_sharding = params, tokens
@@ -190,7 +194,10 @@ class Program:
     # -- pure functions that get jitted --------------------------------------------------------------------------
 
     def _state_from_seed(self, seed) -> TrainState:
-        state = split_params(self.infos, init_params(self.infos, seed))
+        params = init_params(self.infos, seed)
+        if self.stages is not None:
+            params = self.stages.stage_params(params)
+        state = split_params(self.infos, params)
         state["opt_state"] = self._optimizer.init(state["params"])
         state["step"] = jnp.zeros((), jnp.int32)
         return state
@@ -298,6 +305,8 @@ class Program:
         self._require_local("forward")
         if "params" in params and "router_bias" in params:
             params = {**params["params"], **params["router_bias"]}
+            if self.stages is not None:
+                params = self.stages.unstage_params(params)
         with self._on_mesh():
             if self._decoder is not None:
                 return self._decoder.forward(params, tokens)

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp
-from xdsl.ir import Block, Operation
+from xdsl.ir import Operation
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..dialects import dsv3
-from ..dialects.mtp import mtp_ops
-from ..dialects.pipeline import PipelineOp, PipelineSchedule
+from ..dialects.pipeline import PipelineOp, PipelineSchedule, split_main_model
 from ..dialects.quant import FP8MatmulOp
 from ..frontend.errors import UserError
 from ..runtime.model import model_func
@@ -61,7 +60,10 @@ class PipelinePass(ModulePass):
         except ValueError as err:
             raise UserError(f"dsv3-pipeline: {err}") from None
         block = model_func(op).body.block
-        stacks, prologue, epilogue = _split_model(block)
+        try:
+            stacks, prologue, epilogue = split_main_model(block)
+        except ValueError as err:
+            raise UserError(f"dsv3-pipeline: {err}") from None
         layers = [_layer_cost(stack, self.seq) for stack in stacks for _ in range(stack.int_prop("count"))]
         chunks = len(schedule.placement)
         if len(layers) < chunks:
@@ -110,18 +112,6 @@ def balanced_cut(layers: list[float], chunks: int, prologue: float, epilogue: fl
         ends.append(i)
         i = split[c][i]
     return ends[::-1]
-
-
-def _split_model(block: Block) -> tuple[list[dsv3.LayerStackOp], list[Operation], list[Operation]]:
-    """The main model's layer stacks, the ops before the first (chunk 0's) and after the last (the last chunk's,
-    the MTP modules among them)."""
-    mtp = mtp_ops(block)
-    ops = list(block.ops)
-    stacks = [o for o in ops if isinstance(o, dsv3.LayerStackOp) and o not in mtp]
-    if not stacks:
-        raise UserError("dsv3-pipeline: the model has no layer stack to cut into stages")
-    first, last = ops.index(stacks[0]), ops.index(stacks[-1])
-    return stacks, ops[:first], ops[last + 1:]
 
 
 def _layer_cost(stack: dsv3.LayerStackOp, seq: int) -> float:

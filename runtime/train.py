@@ -12,6 +12,8 @@ from xdsl.dialects.builtin import ModuleOp
 
 from ..dialects.dsv3 import OutputRole
 from .model import ModelOutputs, ParamInfo, run_model
+from .pipelined import make_pipelined_value_and_grad
+from .stages import stage_layout
 
 TrainState = dict[str, Any]
 
@@ -38,7 +40,11 @@ def _value_and_grad(module: ModuleOp, mesh: jax.sharding.Mesh | None, explicit: 
     """(state, tokens) -> ((loss, ModelOutputs), gradients w.r.t. the trainable parameters, in their dtypes).
 
     A gradient held in the compute dtype (`runtime/lower/weights.py`) is widened here, where XLA fuses the
-    conversion into its readers (the norm, the update) instead of materialising a wide copy."""
+    conversion into its readers (the norm, the update) instead of materialising a wide copy. A pipelined module
+    (`dsv3-pipeline`) runs its schedule instead (`runtime/pipelined.py`), on a state in the stage layout."""
+    layout = stage_layout(module)
+    if layout is not None:
+        return make_pipelined_value_and_grad(module, layout, mesh, explicit)
 
     def loss_fn(trainable, fixed, tokens):
         out = run_model(module, {**trainable, **fixed}, tokens, mesh, explicit)
@@ -67,8 +73,13 @@ def make_loss_and_grads(module: ModuleOp, mesh: jax.sharding.Mesh | None = None,
 def make_eval_step(module: ModuleOp, mesh: jax.sharding.Mesh | None = None, explicit: bool = False):
     """state, tokens -> the scalar losses of the model on `tokens`, without gradients (held-out evaluation)."""
 
+    layout = stage_layout(module)
+
     def eval_step(state: TrainState, tokens: jax.Array) -> dict[str, jax.Array]:
-        out = run_model(module, {**state["params"], **state["router_bias"]}, tokens, mesh, explicit)
+        params = {**state["params"], **state["router_bias"]}
+        if layout is not None:  # evaluated unpipelined, on the IR's layout
+            params = layout.unstage_params(params)
+        out = run_model(module, params, tokens, mesh, explicit)
         return {k: v for k, v in out.metrics.items() if v.ndim == 0} | {"loss": out.loss}
 
     return eval_step

@@ -11,7 +11,7 @@ is one `register_kernel` function; a target offers it by naming it in its kernel
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -22,8 +22,6 @@ from xdsl.ir import Block, Operation, SSAValue
 
 from ...dialects import dsv3
 from ...dialects.kernels import Kernel
-from ...dialects.pipeline import PipelineOp
-from ...frontend.errors import UserError
 
 Rule = Callable[[Any, Sequence[jax.Array], "LoweringContext"], Sequence[jax.Array]]
 LOWERINGS: dict[type[Operation], Rule] = {}
@@ -96,11 +94,6 @@ class LoweringContext:
     @classmethod
     def for_module(cls, module: ModuleOp, params: dict[str, jax.Array], **fields: Any) -> LoweringContext:
         """A context for lowering `module`, with what its module-level attributes decide."""
-        if any(isinstance(op, PipelineOp) for op in module.ops):
-            raise UserError(
-                "this module is pipelined (dsv3-pipeline), and the lowering of pipeline stages is not built yet: "
-                "compile without the pass; `dsv3c opt` shows the cut"
-            )
         backend = module.attributes.get(FP8_BACKEND_ATTR)
         optimizer = dsv3.find_optimizer(module)
         return cls(
@@ -117,7 +110,13 @@ class LoweringError(Exception):
 
 def lower_block(block: Block, ctx: LoweringContext) -> list[jax.Array]:
     """Evaluates `block` in `ctx.env`; returns the values of its terminator (empty for `func.return`)."""
-    for op in block.ops:
+    return lower_ops(block.ops, ctx)
+
+
+def lower_ops(ops: Iterable[Operation], ctx: LoweringContext) -> list[jax.Array]:
+    """Evaluates `ops` in order in `ctx.env` (a block's, or a run of one, as a pipeline stage takes); returns the
+    values of a terminator among them (empty without one, or for `func.return`)."""
+    for op in ops:
         if isinstance(op, dsv3.YieldOp | ReturnOp):
             return [ctx.env[v] for v in op.operands]
         rule = LOWERINGS.get(type(op))
