@@ -45,10 +45,11 @@ from .runtime.sharding import (
     build_mesh,
     is_explicit,
     mesh_size,
+    mesh_sizes,
     param_shardings,
     state_shardings,
 )
-from .runtime.stages import stage_layout
+from .runtime.stages import check_pipeline, stage_layout
 from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make_train_step, split_params
 from .runtime.xla import OutOfDeviceMemory, compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
@@ -144,6 +145,8 @@ class Program:
         self.total_steps = steps  # the run length the schedule decays over (decay_steps = 0); checkpoints record it
         self.explicit = is_explicit(module)
         self.stages = stage_layout(module)  # a pipelined module's training state holds its layers by stage
+        if self.stages is not None and mode == "train":
+            check_pipeline(self.stages, mesh_sizes(module), batch, self.explicit)
         self.state_shardings: TrainState | None = None  # set below for a program on a mesh
         self._param_shardings: dict[str, jax.sharding.Sharding] | None = None
         self._token_sharding: jax.sharding.Sharding | None = None

@@ -3,7 +3,8 @@ slot each value lives in, and where each sent activation or gradient lands.
 
 The program is lock-step: at every tick each rank runs at most one unit (an action, or DualPipeV's overlapped forward
 and backward pair), then the ranks exchange what they produced with `ppermute`. The ticks are the start times of the
-schedule's simulated run at unit costs (F = B = W = 1, a whole backward 2, a pair the sum of its parts): a unit starts
+schedule's simulated run (by default at unit costs: F = B = W = 1, a whole backward 2, a pair the sum of its parts;
+any costs give valid tables): a unit starts
 at a tick only after everything it needs ended at an earlier one, so running the units tick by tick keeps every
 dependency, and the idle time the simulation measures is the idle time of the tables (`bubble`).
 
@@ -61,7 +62,7 @@ class TickTables:
     channels], -1 for nothing). Activation slot `act_slots` (per rank) is the trash slot receives of nothing go to."""
 
     schedule: Schedule
-    times: tuple[int, ...]
+    times: tuple[float, ...]
     unit: np.ndarray
     f_chunk: np.ndarray
     f_mb: np.ndarray
@@ -81,15 +82,15 @@ class TickTables:
     res_slots: tuple[int, ...]  # per local chunk
     act_channels: tuple[int, ...]  # rank offsets (mod ranks) activations travel: +1 down the pipe, ranks-1 up, 0 stay
     grad_channels: tuple[int, ...]
-    busy: tuple[int, ...]  # per rank, time units spent computing
-    makespan: int
+    busy: tuple[float, ...]  # per rank, time spent computing (at the costs the tables were built for)
+    makespan: float
 
     @property
     def ticks(self) -> int:
         return len(self.times)
 
     @property
-    def bubble(self) -> int:
+    def bubble(self) -> float:
         """The idle time, in time units, of the rank that waits longest (what `bubble_formula` gives)."""
         return self.makespan - min(self.busy)
 
@@ -109,11 +110,12 @@ def local_chunk(schedule: Schedule, chunk: int) -> int:
     return schedule.chunks_of(schedule.placement[chunk]).index(chunk)
 
 
-def build_tables(schedule: Schedule) -> TickTables:
-    """The lock-step tables of `schedule` (module docstring)."""
+def build_tables(schedule: Schedule, F: float = 1, B: float = 1, W: float = 1, FB: float | None = None) -> TickTables:
+    """The lock-step tables of `schedule` (module docstring), ordered by its simulated run at per-chunk costs F, B,
+    W and FB (`simulate`'s; any costs give valid tables, these decide only which unit goes first)."""
     ranks, chunks = schedule.ranks, schedule.num_chunks
-    timeline = simulate(schedule, F=1, B=1, W=1)
-    starts = sorted({int(unit[0].start) for r in range(ranks) for unit in timeline.units(r)})
+    timeline = simulate(schedule, F=F, B=B, W=W, FB=FB)
+    starts = sorted({unit[0].start for r in range(ranks) for unit in timeline.units(r)})
     tick_of = {t: i for i, t in enumerate(starts)}
     ticks = len(starts)
     shape = (ticks, ranks)
@@ -126,7 +128,7 @@ def build_tables(schedule: Schedule) -> TickTables:
     recv_grad = np.full((ticks, ranks, len(grad_channels)), -1, np.int32)
 
     # Events in tick order; within a tick, reads happen before the end-of-tick receives and frees.
-    units = {(r, tick_of[int(u[0].start)]): tuple(s.action for s in u) for r in range(ranks) for u in timeline.units(r)}
+    units = {(r, tick_of[u[0].start]): tuple(s.action for s in u) for r in range(ranks) for u in timeline.units(r)}
     acts = [_Pool() for _ in range(ranks)]
     grads = [_Pool() for _ in range(ranks)]
     per_rank = len(schedule.chunks_of(0))
@@ -191,7 +193,7 @@ def build_tables(schedule: Schedule) -> TickTables:
         act_slots=act_slots, grad_slots=grad_slots,
         res_slots=tuple(max(res[r][v].size for r in range(ranks)) for v in range(per_rank)),
         act_channels=tuple(act_channels), grad_channels=tuple(grad_channels),
-        busy=tuple(int(timeline.busy(r)) for r in range(ranks)), makespan=int(timeline.makespan),
+        busy=tuple(timeline.busy(r) for r in range(ranks)), makespan=timeline.makespan,
     )
 
 

@@ -37,7 +37,7 @@ from .lower.registry import lower_ops, lower_region_block
 from .lower.remat import remat_policy
 from .model import ModelOutputs, model_func
 from .pipeline_ticks import TickTables, Unit, build_tables
-from .stages import PIPE_AXIS, StackStages, StageLayout
+from .stages import PIPE_AXIS, StackStages, StageLayout, check_pipeline
 
 Payload = tuple[jax.Array, tuple[tuple[jax.Array, ...], ...]]
 """What flows between chunks: the hidden state and, per stack, its per-layer outputs (all layers' rows)."""
@@ -214,12 +214,6 @@ def _write(buffers: Any, slot: jax.Array, value: Any) -> Any:
 def make_pipelined_value_and_grad(module: ModuleOp, layout: StageLayout, mesh: Any, explicit: bool) -> Callable:
     """(state, tokens) -> ((loss, ModelOutputs), gradients), as `runtime/train.py` expects, with the stacked
     parameters (and their gradients) in the stage layout of `runtime/stages.py`."""
-    if mesh is None or mesh.shape.get(PIPE_AXIS, 1) != layout.ranks:
-        have = 1 if mesh is None else mesh.shape.get(PIPE_AXIS, 1)
-        raise UserError(f"the module is pipelined over {layout.ranks} ranks (dsv3.pipeline) but the mesh's "
-                        f"'{PIPE_AXIS}' axis has {have}: add {PIPE_AXIS}={layout.ranks} to the mesh")
-    if explicit:
-        raise UserError("a pipelined program needs shard mode auto (explicit axes are not supported with a pipe axis)")
     model = _Model(module, layout, mesh, explicit)
     tables = build_tables(layout.schedule)
     staged = layout.staged_names()
@@ -227,9 +221,7 @@ def make_pipelined_value_and_grad(module: ModuleOp, layout: StageLayout, mesh: A
 
     def value_and_grad(state, tokens):
         params = {**state["params"], **state["router_bias"]}
-        batch = tokens.shape[0]
-        if batch % microbatches:
-            raise UserError(f"batch {batch} does not divide into the pipeline's {microbatches} micro-batches")
+        check_pipeline(layout, dict(mesh.shape) if mesh is not None else {}, tokens.shape[0], explicit)
         slabs = {n: v for n, v in params.items() if n in staged}
         flat = {n: v for n, v in params.items() if n not in staged}
         body = partial(_ranks_program, model, tables, microbatches)
@@ -243,7 +235,9 @@ def make_pipelined_value_and_grad(module: ModuleOp, layout: StageLayout, mesh: A
         g_slabs, g_flat, loss, metrics, loads = run(slabs, flat, tokens)
         grads = {n: g.astype(state["params"][n].dtype)
                  for n, g in {**g_slabs, **g_flat}.items() if n in state["params"]}
-        out = ModelOutputs(loss, metrics, loads, tuple(model.rates.items()), tuple(model.roles.items()))
+        # the router-bias update applies to the biases as the state holds them: staged
+        out = ModelOutputs(loss, metrics, layout.stage_params(loads), tuple(model.rates.items()),
+                           tuple(model.roles.items()))
         return (loss, out), grads
 
     return value_and_grad
@@ -322,96 +316,74 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
     def by_chunk(local, branches):
         return branches[0]() if locals_ == 1 else lax.switch(local, branches)
 
-    def forward(c, e):
-        """The forward of (local chunk, micro-batch) on the carry `c`: the updated activation slots and residual
-        pools, and the output to send."""
+    def forward(c, e, embedded):
+        """The forward of (local chunk, micro-batch) on the carry `c` (chunk 0 takes `embedded`): the updated
+        activation slots and residual pools, and the output to send."""
         local, m = e["f_chunk"], e["f_mb"]
         received = _read(c["acts"], slot(e["f_act"], trash_act))
+        starts = is_first[rank, local]
+        x = (jnp.where(starts, embedded, received[0]),
+             jax.tree.map(lambda v: jnp.where(starts, jnp.zeros_like(v), v), received[1]))
 
         def run(k):
             def go():
-                x = lax.cond(is_first[rank, k], lambda: (model.embed(flat, tokens_of(m)), _zeros(payload_shape[1])),
-                             lambda: received)
                 out, stored = forward_vjp(k, m, x)
                 pools = list(c["res"])
                 pools[k] = [lax.dynamic_update_index_in_dim(p, v, slot(e["f_res"], 0), 0)
                             for p, v in zip(pools[k], stored, strict=True)]
-                return x, out, pools
+                return out, pools
             return go
 
-        x, out, pools = by_chunk(local, [run(k) for k in range(locals_)])
+        out, pools = by_chunk(local, [run(k) for k in range(locals_)])
         acts = _write(c["acts"], slot(e["f_act"], trash_act), x)
         acts = _write(acts, slot(e["f_out"], trash_act), out)
         return {"acts": acts, "res": pools}, out
 
-    def backward(c, e, inputs: bool, weights: bool):
+    def backward(c, e, inputs: bool, weights: bool, from_loss):
         """The backward of (local chunk, micro-batch): the input's gradient when `inputs`, the weights' when
-        `weights` (both for a whole backward). Returns the carry entries it changes and the gradient to send."""
+        `weights` (both for a whole backward); the last chunk's output gradient is `from_loss`. Returns the carry
+        entries it changes and the gradient w.r.t. the chunk's input."""
         local, m = e["b_chunk"], e["b_mb"]
         x = _read(c["acts"], slot(e["b_act"], trash_act))
-        g_in = _read(c["grads"], slot(e["b_grad"], trash_grad))
-        zero_aux = (_zeros(head_shapes[0]), _zeros(head_shapes[1]))
-
-        def from_loss():
-            y = _read(c["acts"], slot(e["b_out"], trash_act))
-            loss, vjp, aux = jax.vjp(lambda fl, yy: model.head(fl, yy, tokens_of(m)), flat, y, has_aux=True)
-            g_flat, g_y = vjp(jnp.asarray(scale, jnp.float32))
-            return g_y, g_flat, loss, aux
-
+        g = _read(c["grads"], slot(e["b_grad"], trash_grad))
         if inputs:
-            g, g_head, loss, aux = lax.cond(is_last[rank, local], from_loss,
-                                            lambda: (g_in, zero_flat, jnp.zeros((), jnp.float32), zero_aux))
-        else:
-            g, g_head, loss, aux = g_in, zero_flat, jnp.zeros((), jnp.float32), zero_aux
+            g = jax.tree.map(lambda a, b: jnp.where(is_last[rank, local], a, b), from_loss, g)
 
         def run(k):
             def go():
                 stored = [lax.dynamic_index_in_dim(p, slot(e["b_res"], 0), 0, keepdims=False) for p in c["res"][k]]
                 g_rows, g_flat, g_x = saved_vjp(k, m, x, stored)(g)
+                if not weights:
+                    return c["g_slabs"], c["g_flat"], g_x
                 g_slabs = dict(c["g_slabs"])
-                if weights:
-                    for st in model.stacks:
-                        for n in st.params:
-                            if st.width[k]:
-                                band = slice(st.offset[k], st.offset[k] + st.width[k])
-                                g_slabs[n] = g_slabs[n].at[band].add(g_rows[n].astype(g_slabs[n].dtype))
-                return g_slabs, (g_flat if weights else zero_flat), g_x
+                for st in model.stacks:
+                    for n in st.params:
+                        if st.width[k]:
+                            band = slice(st.offset[k], st.offset[k] + st.width[k])
+                            g_slabs[n] = g_slabs[n].at[band].add(g_rows[n].astype(g_slabs[n].dtype))
+                return g_slabs, jax.tree.map(jnp.add, c["g_flat"], g_flat), g_x
             return go
 
         g_slabs, g_flat, g_x = by_chunk(local, [run(k) for k in range(locals_)])
-        if inputs:
-            g_embed = lax.cond(
-                is_first[rank, local],
-                lambda: jax.vjp(lambda fl: model.embed(fl, tokens_of(m)), flat)[1](g_x[0])[0],
-                lambda: zero_flat,
-            )
-        else:
-            g_embed = zero_flat
-        changed = {
-            "g_slabs": g_slabs,
-            "g_flat": jax.tree.map(lambda a, b, d, f: a + b + d + f, c["g_flat"], g_head, g_embed, g_flat),
-            "loss": c["loss"] + loss,
-            "metrics": jax.tree.map(jnp.add, c["metrics"], aux[0]),
-            "loads": jax.tree.map(jnp.add, c["loads"], aux[1]),
-        }
+        changed = {"g_slabs": g_slabs, "g_flat": g_flat}
         if inputs:
             changed["grads"] = _write(c["grads"], slot(e["b_grad"], trash_grad), g)
-        return changed, (g_x if inputs else nothing)
+        return changed, g_x
 
     def unit_branch(kind: Unit):
         """A tick's work for one kind of unit. A pair's backward reads the carry as it was before its forward
         wrote, so nothing orders the two: XLA may run them side by side."""
-        def go(c, e):
-            new, f_send, b_send = dict(c), nothing, nothing
+        def go(c, e, embedded, from_loss):
+            new, f_send, g_x = dict(c), nothing, nothing
             if kind in (Unit.F, Unit.FB, Unit.FB_SPLIT):
-                changed, f_send = forward(c, e)
+                changed, f_send = forward(c, e, embedded)
                 new.update(changed)
-            if kind != Unit.F and kind != Unit.IDLE:
+            if kind not in (Unit.F, Unit.IDLE):
                 inputs = kind != Unit.W
                 weights = kind in (Unit.B, Unit.FB, Unit.W)
-                changed, b_send = backward(c, e, inputs, weights)
+                changed, g_x = backward(c, e, inputs, weights, from_loss)
                 new.update(changed)
-            return new, f_send, b_send
+            return new, f_send, g_x
         return go
 
     kinds = sorted({Unit(int(k)) for k in np.unique(tables.unit)})
@@ -422,17 +394,45 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
     names = ("f_chunk", "f_mb", "b_chunk", "b_mb", "f_act", "f_out", "f_res", "b_act", "b_out", "b_grad", "b_res")
     xs = {n: jnp.asarray(getattr(tables, n)) for n in names}
     xs["branch"] = jnp.asarray(branch_of[tables.unit])
+    xs["unit"] = jnp.asarray(tables.unit)
     xs["recv_act"], xs["recv_grad"] = jnp.asarray(tables.recv_act), jnp.asarray(tables.recv_grad)
+    forwards = jnp.asarray([k in (Unit.F, Unit.FB, Unit.FB_SPLIT) for k in Unit])
+    input_backwards = jnp.asarray([k in (Unit.B, Unit.B_SPLIT, Unit.FB, Unit.FB_SPLIT) for k in Unit])
+    zero_aux = (_zeros(head_shapes[0]), _zeros(head_shapes[1]))
 
     def tick(c, row):
+        """One tick: the loss head if this rank's backward starts at the last chunk and the embedding if its
+        forward starts at the first (once each, outside the branches), the unit's branch, the embedding's
+        backward, then the exchange."""
         e = {n: jnp.maximum(v[rank], 0) if n in ("f_chunk", "f_mb", "b_chunk", "b_mb") else v[rank]
              for n, v in row.items()}
-        c, f_send, b_send = lax.switch(e["branch"], branches, c, e)
+        m_f, m_b = e["f_mb"], e["b_mb"]
+        heads = input_backwards[e["unit"]] & is_last[rank, e["b_chunk"]]
+        embeds = forwards[e["unit"]] & is_first[rank, e["f_chunk"]]
+        tails = input_backwards[e["unit"]] & is_first[rank, e["b_chunk"]]
+
+        def from_loss():
+            y = _read(c["acts"], slot(e["b_out"], trash_act))
+            loss, vjp, aux = jax.vjp(lambda fl, yy: model.head(fl, yy, tokens_of(m_b)), flat, y, has_aux=True)
+            g_flat, g_y = vjp(jnp.asarray(scale, jnp.float32))
+            return g_y, g_flat, loss, aux
+
+        g_y, g_head, loss, aux = lax.cond(
+            heads, from_loss, lambda: (nothing, zero_flat, jnp.zeros((), jnp.float32), zero_aux))
+        embedded = lax.cond(embeds, lambda: model.embed(flat, tokens_of(m_f)), lambda: nothing[0])
+        c, f_send, g_x = lax.switch(e["branch"], branches, c, e, embedded, g_y)
+        g_embed = lax.cond(
+            tails, lambda: jax.vjp(lambda fl: model.embed(fl, tokens_of(m_b)), flat)[1](g_x[0])[0],
+            lambda: zero_flat)
+        c["g_flat"] = jax.tree.map(lambda a, b, d: a + b + d, c["g_flat"], g_head, g_embed)
+        c["loss"] = c["loss"] + loss
+        c["metrics"] = jax.tree.map(jnp.add, c["metrics"], aux[0])
+        c["loads"] = jax.tree.map(jnp.add, c["loads"], aux[1])
         for i, delta in enumerate(tables.act_channels):
             arrived = f_send if delta == 0 else _shift(f_send, delta, ranks)
             c["acts"] = _write(c["acts"], e["recv_act"][i], arrived)
         for i, delta in enumerate(tables.grad_channels):
-            arrived = b_send if delta == 0 else _shift(b_send, delta, ranks)
+            arrived = g_x if delta == 0 else _shift(g_x, delta, ranks)
             c["grads"] = _write(c["grads"], e["recv_grad"][i], arrived)
         return c, None
 

@@ -22,8 +22,13 @@ def mesh_op(module: ModuleOp) -> MeshOp | None:
 
 
 def mesh_size(module: ModuleOp) -> int:
+    return math.prod(mesh_sizes(module).values())
+
+
+def mesh_sizes(module: ModuleOp) -> dict[str, int]:
+    """Each mesh axis's size, as the IR declares it (empty without a mesh)."""
     op = mesh_op(module)
-    return math.prod(op.sizes.values()) if op else 1
+    return dict(op.sizes) if op else {}
 
 
 def build_mesh(module: ModuleOp, devices: Sequence[Any]) -> Mesh | None:

@@ -156,3 +156,16 @@ def stage_layout(module: ModuleOp) -> StageLayout | None:
         offset = tuple(int(x) for x in np.cumsum([0, *width[:-1]]))
         layouts.append(StackStages(stack, tuple(names), stack.int_prop("count"), tuple(layers), first, width, offset))
     return StageLayout(op, schedule, tuple(layouts))
+
+
+def check_pipeline(layout: StageLayout, mesh_sizes: dict[str, int], batch: int, explicit: bool) -> None:
+    """Refuses, before anything is traced, a pipelined program its mesh or batch cannot run."""
+    have = mesh_sizes.get(PIPE_AXIS, 1)
+    if have != layout.ranks:
+        raise UserError(f"the module is pipelined over {layout.ranks} ranks (dsv3.pipeline) but the mesh's "
+                        f"'{PIPE_AXIS}' axis has {have}: add {PIPE_AXIS}={layout.ranks} to the mesh")
+    microbatches = layout.schedule.microbatches
+    if batch % microbatches:
+        raise UserError(f"batch {batch} does not divide into the pipeline's {microbatches} micro-batches")
+    if explicit:
+        raise UserError("a pipelined program needs shard mode auto (explicit axes are not supported with a pipe axis)")
