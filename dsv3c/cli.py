@@ -69,6 +69,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     check_output_file(args.report, "--report")
     _prepare_platform(args)  # before JAX starts a backend
     from .memory_breakdown import Breakdown, describe
+    from .pipeline_report import write_timeline_png
     from .program import compile, write_dumps
 
     pipeline = "" if args.no_passes else (args.pipeline or "default")
@@ -80,6 +81,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.dump_ir:
         paths = write_dumps(prog.dumps, args.dump_ir)
         _log(f"wrote {len(paths)} dumps to {args.dump_ir}")
+        if "pipeline" in prog.report and write_timeline_png(prog.module, Path(args.dump_ir) / "pipeline.png"):
+            _log(f"wrote the pipeline timeline to {Path(args.dump_ir) / 'pipeline.png'}")
     if args.report:
         _write_atomic(Path(args.report), json.dumps(prog.report, indent=1) + "\n")
         _log(f"wrote report to {args.report}")
@@ -94,6 +97,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         peak = r["memory_peak"]
         breakdown = Breakdown(r["memory_breakdown"], peak["instruction"], peak["phase"])
         print(f"temporaries {peak['temp'] / 2**30:.2f} GiB, {describe(breakdown)}")
+    if "pipeline" in r:
+        p = r["pipeline"]
+        print(f"pipeline {p['schedule']}: {p['ranks']} ranks, {p['chunks']} chunks, {p['microbatches']} micro-batches, "
+              f"{p['ticks']} ticks, bubble {p['bubble']:g} chunk-forwards (formula {p['bubble_formula']:g}), "
+              f"{p['bubble_fraction']:.1%} of all ranks' time idle")
+        print(p["timeline"])
     return 0
 
 

@@ -33,6 +33,7 @@ from .frontend.spec import ModelSpec
 from .layout import applicable_layout, layout_passes
 from .memory_breakdown import describe, memory_breakdown
 from .pipeline import parse_passes, pipeline_text, run_pipeline
+from .pipeline_report import pipeline_report
 from .report import attach_roofline, build_report, model_dims, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.ema import EMA, device_shardings
@@ -508,6 +509,9 @@ def compile(
         )
         attach_roofline(r, tgt.chip, train=False)
         r.update(kv_cache_report(module))
+    pipelined = pipeline_report(module, batch, seq) if mode == "train" else None
+    if pipelined is not None:
+        prog.report["pipeline"] = pipelined
     prog.report["xla_options"] = options
     if breakdown and "memory_breakdown" not in prog.report:
         prog.report["warnings"].append(

@@ -26,6 +26,7 @@ from .passes.kernels import KernelsPass
 from .passes.kv_cache import KVCache
 from .passes.mla_absorb import MLAAbsorb
 from .passes.overlap import OverlapPass
+from .passes.pipeline import PipelinePass
 from .passes.remat import RematPass
 from .passes.shard import ShardPass
 from .runtime.lower.registry import FP8_BACKEND_ATTR
@@ -177,12 +178,17 @@ class Target:
     def pipeline(self, base: Sequence[ModulePass], mode: str, request: PipelineRequest) -> list[ModulePass]:
         """`base` (the target's default passes or the user's) completed with what the request needs and the passes
         the user did not name: FP8 quantisation before the passes that act on what is computed, sharding and
-        overlap for a mesh, and the target's kernel choices last."""
+        overlap for a mesh (and the pipeline pass for a `pipe` axis), and the target's kernel choices last."""
         passes = list(base)
         names = [p.name for p in passes]
         if request.fp8 != "off" and FP8Quant.name not in names:
             at = next((i for i, name in enumerate(names) if name in _AFTER_FP8), len(passes))
             passes.insert(at, FP8Quant())
+        ranks = request.mesh.get("pipe", 1)
+        if mode == "train" and ranks > 1 and PipelinePass.name not in names:
+            # a pipe axis asks for pipeline stages: DeepSeek-V3's DualPipeV unless the pass is named with others
+            at = next((i for i, name in enumerate(names) if name == ShardPass.name), len(passes))
+            passes.insert(at, PipelinePass(ranks=ranks, schedule="dualpipev"))
         if request.mesh and ShardPass.name not in names:
             mesh = ",".join(f"{axis}={size}" for axis, size in request.mesh.items())
             passes.append(ShardPass(mesh=mesh, mode=request.shard_mode, rules=request.rules))

@@ -63,7 +63,11 @@ class _Model:
         mesh = jax.sharding.get_abstract_mesh() if self.mesh is not None else None
         if mesh is not None and all(size == 1 for name, size in mesh.shape.items() if name != PIPE_AXIS):
             mesh = None
-        return LoweringContext.for_module(self.module, params, mesh=mesh, explicit=self.explicit)
+        ctx = LoweringContext.for_module(self.module, params, mesh=mesh, explicit=self.explicit)
+        # a bf16 gradient for an f32 weight (`runtime/lower/weights.py`) cannot leave the `lax.cond` that skips a
+        # band's unused rows (its branches must agree on dtypes): the chunks keep weight gradients in f32
+        ctx.grads_in_compute_dtype = False
+        return ctx
 
     def embed(self, flat: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
         """What the first stack takes: the prologue's result (the embedding)."""
@@ -134,16 +138,24 @@ def _masked_scan(stack: StackStages, hidden: jax.Array, weights: list[jax.Array]
         out, *per_layer = lower_region_block(block, [h, *layer_params], ctx)
         return out, tuple(per_layer)
 
-    if stack.op.remat is not None and stack.op.remat.data != "none":
-        run = jax.checkpoint(run, policy=remat_policy(block), prevent_cse=False)
     shapes = jax.eval_shape(run, hidden, tuple(w[0] for w in weights))[1]
 
     def skip(h, layer_params):
         return h, tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
 
+    def masked(h, layer_params, active):
+        return lax.cond(active, run, skip, h, layer_params)
+
+    # The checkpoint goes around the conditional, not inside it: a checkpoint's residuals are its inputs, and the
+    # scan then reads a layer's weights back from the band instead of stacking a copy of them (which the residuals
+    # of a conditional would be). Without a recompute policy on the stack, everything is saved, as a plain scan does.
+    saving = stack.op.remat is not None and stack.op.remat.data != "none"
+    policy = remat_policy(block) if saving else jax.checkpoint_policies.everything_saveable
+    masked = jax.checkpoint(masked, policy=policy, prevent_cse=False)
+
     def layer(h, xs):
         index, layer_params = xs
-        return lax.cond(index < live, run, skip, h, layer_params)
+        return masked(h, layer_params, index < live)
 
     return lax.scan(layer, hidden, (jnp.arange(weights[0].shape[0]), tuple(weights)))
 
@@ -201,6 +213,12 @@ def _payload_shapes(model: _Model, slabs: dict[str, jax.Array], flat: dict[str, 
 
 def _zeros(tree: Any) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+def _cond_or_zeros(pred: jax.Array, fn: Callable[[], Any]) -> Any:
+    """`fn()` where `pred` holds, zeros of its shapes and dtypes elsewhere (gradients may come back in the compute
+    dtype, so the zeros take the dtypes `fn` returns)."""
+    return lax.cond(pred, fn, lambda: _zeros(jax.eval_shape(fn)))
 
 
 def _read(buffers: Any, slot: jax.Array) -> Any:
@@ -307,7 +325,6 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
         "loads": _zeros(head_shapes[1]),
     }
     nothing = _zeros(payload_shape)
-    zero_flat = _zeros(flat)
     scale = 1.0 / microbatches
 
     def slot(value, trash):
@@ -396,19 +413,15 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
     xs["branch"] = jnp.asarray(branch_of[tables.unit])
     xs["unit"] = jnp.asarray(tables.unit)
     xs["recv_act"], xs["recv_grad"] = jnp.asarray(tables.recv_act), jnp.asarray(tables.recv_grad)
-    forwards = jnp.asarray([k in (Unit.F, Unit.FB, Unit.FB_SPLIT) for k in Unit])
     input_backwards = jnp.asarray([k in (Unit.B, Unit.B_SPLIT, Unit.FB, Unit.FB_SPLIT) for k in Unit])
-    zero_aux = (_zeros(head_shapes[0]), _zeros(head_shapes[1]))
 
     def tick(c, row):
-        """One tick: the loss head if this rank's backward starts at the last chunk and the embedding if its
-        forward starts at the first (once each, outside the branches), the unit's branch, the embedding's
-        backward, then the exchange."""
+        """One tick: the loss head if this rank's backward starts at the last chunk (once, outside the branches),
+        the embedding, the unit's branch, the embedding's backward, then the exchange."""
         e = {n: jnp.maximum(v[rank], 0) if n in ("f_chunk", "f_mb", "b_chunk", "b_mb") else v[rank]
              for n, v in row.items()}
         m_f, m_b = e["f_mb"], e["b_mb"]
         heads = input_backwards[e["unit"]] & is_last[rank, e["b_chunk"]]
-        embeds = forwards[e["unit"]] & is_first[rank, e["f_chunk"]]
         tails = input_backwards[e["unit"]] & is_first[rank, e["b_chunk"]]
 
         def from_loss():
@@ -417,14 +430,15 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
             g_flat, g_y = vjp(jnp.asarray(scale, jnp.float32))
             return g_y, g_flat, loss, aux
 
-        g_y, g_head, loss, aux = lax.cond(
-            heads, from_loss, lambda: (nothing, zero_flat, jnp.zeros((), jnp.float32), zero_aux))
-        embedded = lax.cond(embeds, lambda: model.embed(flat, tokens_of(m_f)), lambda: nothing[0])
+        g_y, g_head, loss, aux = _cond_or_zeros(heads, from_loss)
+        # The embedding is a gather and its backward a scatter-add: cheap enough to run at every tick (its result
+        # used where the unit starts or ends at chunk 0), which keeps its sharded values out of a conditional.
+        embedded = model.embed(flat, tokens_of(m_f))
         c, f_send, g_x = lax.switch(e["branch"], branches, c, e, embedded, g_y)
-        g_embed = lax.cond(
-            tails, lambda: jax.vjp(lambda fl: model.embed(fl, tokens_of(m_b)), flat)[1](g_x[0])[0],
-            lambda: zero_flat)
-        c["g_flat"] = jax.tree.map(lambda a, b, d: a + b + d, c["g_flat"], g_head, g_embed)
+        _, embed_vjp = jax.vjp(lambda fl: model.embed(fl, tokens_of(m_b)), flat)
+        (g_embed,) = embed_vjp(jnp.where(tails, g_x[0], jnp.zeros_like(g_x[0])))
+        c["g_flat"] = jax.tree.map(lambda a, b, d: a + b.astype(a.dtype) + d.astype(a.dtype),
+                                   c["g_flat"], g_head, g_embed)
         c["loss"] = c["loss"] + loss
         c["metrics"] = jax.tree.map(jnp.add, c["metrics"], aux[0])
         c["loads"] = jax.tree.map(jnp.add, c["loads"], aux[1])

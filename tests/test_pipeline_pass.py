@@ -117,3 +117,20 @@ def test_a_pipelined_module_runs_forward_unpipelined():
     tokens = np.arange(8, dtype=np.int32)[None]
     piped = dsv3c.prepare(module, mode="forward", batch=1, seq=8, pipeline="")
     np.testing.assert_array_equal(piped.forward(params, tokens), plain.forward(params, tokens))
+
+
+def test_a_pipe_axis_adds_dualpipev_and_the_report_gives_its_bubble_and_timeline():
+    prog = dsv3c.prepare(EXAMPLES / "tiny.dsv3", batch=8, seq=32, mesh={"pipe": 2}, devices=2)
+    (op,) = [o for o in prog.module.ops if isinstance(o, PipelineOp)]
+    assert (op.schedule.data, op.int_prop("ranks"), op.int_prop("microbatches")) == ("dualpipev", 2, 4)
+    from dsv3c.pipeline_report import pipeline_report
+
+    report = pipeline_report(prog.module, 8, 32)
+    # (P-1)(F&B + B - 2W) at F = B = W = 1 with a pair costing F + B + W: 1 x (3 + 1 - 2)
+    assert report["bubble"] == report["bubble_formula"] == 2
+    assert report["layers_per_chunk"] == {"dense": [1, 0, 0, 0], "moe": [0, 1, 1, 1]}
+    assert report["activation_slot_bytes"] == 2 * 32 * 64 * 4  # a micro-batch of 2 x 32 tokens x dim 64, f32
+    rows = report["timeline"].splitlines()
+    assert len(rows) == 2 and rows[0].startswith("0 F0.0") and rows[1].startswith("1 .")
+    # every forward and backward of 4 chunks x 4 micro-batches appears in the timeline
+    assert sum(row.count("F") for row in rows) == 16
