@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import BlockArgument, Operation, SSAValue
 
@@ -35,6 +35,7 @@ from ..frontend.errors import UserError
 from .lower import LoweringContext
 from .lower.registry import lower_ops, lower_region_block
 from .lower.remat import remat_policy
+from .lower.sharding import partition_spec
 from .model import ModelOutputs, model_func
 from .pipeline_ticks import TickTables, Unit, build_tables
 from .stages import PIPE_AXIS, StackStages, StageLayout, check_pipeline
@@ -56,8 +57,19 @@ class _Model:
         self.stacks = layout.stacks
         self.context = _slice(prologue, _free_values(stacks) - set(stacks[0].operands))
         self.epilogue_context = _slice(prologue, _free_values(self.epilogue))
+        self.specs = {op.pname: partition_spec(op.sharding) if op.sharding is not None else PartitionSpec()
+                      for op in dsv3.walk_params(module)}
         self.roles: dict[str, dsv3.OutputRole] = {}
         self.rates: dict[str, float] = {}
+
+    def placed(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Parameters (or their gradients) of a stage constrained to their shardings inside it, as `dsv3-shard`
+        wrote them: the weight gradients a chunk's backward accumulates are then split like the weights (left to
+        propagation, XLA:TPU kept a whole [layers, experts, ...] f32 gradient per device)."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.mesh is None or all(size == 1 for name, size in mesh.shape.items() if name != PIPE_AXIS):
+            return values
+        return {n: lax.with_sharding_constraint(v, NamedSharding(mesh, self.specs[n])) for n, v in values.items()}
 
     def context_for(self, params: dict[str, jax.Array]) -> LoweringContext:
         mesh = jax.sharding.get_abstract_mesh() if self.mesh is not None else None
@@ -282,8 +294,8 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
     is_last = jnp.asarray(chunk_of == schedule.num_chunks - 1)
 
     def rows_of(local):
-        return {n: slabs[n][st.offset[local]: st.offset[local] + st.width[local]]
-                for st in model.stacks for n in st.params}
+        return model.placed({n: slabs[n][st.offset[local]: st.offset[local] + st.width[local]]
+                             for st in model.stacks for n in st.params})
 
     payload_shape = _payload_shapes(model, slabs, flat, tokens_of(0))
     residuals: dict[int, tuple[Any, list[int]]] = {}  # local chunk -> (treedef, per leaf: known index or -1)
@@ -370,6 +382,7 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
             def go():
                 stored = [lax.dynamic_index_in_dim(p, slot(e["b_res"], 0), 0, keepdims=False) for p in c["res"][k]]
                 g_rows, g_flat, g_x = saved_vjp(k, m, x, stored)(g)
+                g_rows, g_flat = model.placed(g_rows), model.placed(g_flat)
                 if not weights:
                     return c["g_slabs"], c["g_flat"], g_x
                 g_slabs = dict(c["g_slabs"])

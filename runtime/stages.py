@@ -12,6 +12,7 @@ this one, so checkpoints, imports and the unpipelined reference keep the IR's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from xdsl.dialects.builtin import ModuleOp
 
 from ..dialects import dsv3
 from ..dialects.pipeline import PipelineOp, split_main_model
+from ..dialects.sharding import BATCH_AXES
 from ..frontend.errors import UserError
 from .model import model_func
 from .schedules import Schedule, build_schedule
@@ -167,5 +169,10 @@ def check_pipeline(layout: StageLayout, mesh_sizes: dict[str, int], batch: int, 
     microbatches = layout.schedule.microbatches
     if batch % microbatches:
         raise UserError(f"batch {batch} does not divide into the pipeline's {microbatches} micro-batches")
+    ways = math.prod(mesh_sizes.get(axis, 1) for axis in BATCH_AXES)
+    if batch and batch // microbatches % ways:
+        raise UserError(f"a micro-batch of {batch // microbatches} sequences (batch {batch} over {microbatches} "
+                        f"micro-batches) does not divide over the {ways} devices of the batch mesh axes: raise the "
+                        "batch or lower microbatches")
     if explicit:
         raise UserError("a pipelined program needs shard mode auto (explicit axes are not supported with a pipe axis)")

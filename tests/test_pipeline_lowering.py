@@ -96,3 +96,5 @@ def test_a_pipelined_module_needs_a_pipe_axis_and_whole_microbatches():
         dsv3c.prepare(SPEC, batch=BATCH, seq=SEQ, mesh={"fsdp": 2}, pipeline=passes, devices=2)
     with pytest.raises(UserError, match="batch 6 does not divide into the pipeline's 4 micro-batches"):
         pipelined("1f1b", {"pipe": 2}, batch=6)
+    with pytest.raises(UserError, match="a micro-batch of 1 sequences .* does not divide over the 2 devices"):
+        pipelined("1f1b", {"pipe": 2, "fsdp": 2}, batch=4)
