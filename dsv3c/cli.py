@@ -81,8 +81,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.dump_ir:
         paths = write_dumps(prog.dumps, args.dump_ir)
         _log(f"wrote {len(paths)} dumps to {args.dump_ir}")
-        if "pipeline" in prog.report and write_timeline_png(prog.module, Path(args.dump_ir) / "pipeline.png"):
-            _log(f"wrote the pipeline timeline to {Path(args.dump_ir) / 'pipeline.png'}")
+        picture = Path(args.dump_ir) / "pipeline.png"
+        if isinstance(prog.report.get("pipeline"), dict) and write_timeline_png(prog.module, picture):
+            _log(f"wrote the pipeline timeline to {picture}")
     if args.report:
         _write_atomic(Path(args.report), json.dumps(prog.report, indent=1) + "\n")
         _log(f"wrote report to {args.report}")
@@ -97,7 +98,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         peak = r["memory_peak"]
         breakdown = Breakdown(r["memory_breakdown"], peak["instruction"], peak["phase"])
         print(f"temporaries {peak['temp'] / 2**30:.2f} GiB, {describe(breakdown)}")
-    if "pipeline" in r:
+    if isinstance(r.get("pipeline"), dict):
         p = r["pipeline"]
         print(f"pipeline {p['schedule']}: {p['ranks']} ranks, {p['chunks']} chunks, {p['microbatches']} micro-batches, "
               f"{p['ticks']} ticks, bubble {p['bubble']:g} chunk-forwards (formula {p['bubble_formula']:g}), "

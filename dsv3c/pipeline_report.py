@@ -16,7 +16,8 @@ from .runtime.stages import StageLayout, stage_layout
 
 
 def pipeline_report(module: ModuleOp, batch: int, seq: int) -> dict[str, Any] | None:
-    """The `pipeline` section for a pipelined module (None otherwise). Bubbles are in units of one chunk's forward
+    """The `pipeline` section for a pipelined module (None otherwise): CONTRACT.md's `schedule`, `stages` (the
+    ranks along `pipe`), `microbatches` and `bubble_fraction`, and more. Bubbles are in units of one chunk's forward
     (F = B = W = 1), the costs the tables are ordered by; `bubble` is what the compiled tables leave idle on the
     rank that waits longest, `bubble_formula` DeepSeek's closed form for the same costs."""
     layout = stage_layout(module)
@@ -30,6 +31,7 @@ def pipeline_report(module: ModuleOp, batch: int, seq: int) -> dict[str, Any] | 
     slot_bytes = batch // schedule.microbatches * seq * width * result_dtype(hidden).itemsize
     return {
         "schedule": schedule.name,
+        "stages": layout.ranks,
         "ranks": layout.ranks,
         "chunks": schedule.num_chunks,
         "microbatches": schedule.microbatches,

@@ -236,7 +236,8 @@ def build_report(
         "collectives": comms,
         "async_overlap": overlap(compiled_text),
         "compile_seconds": compile_seconds,
-        "pipeline": pipeline,
+        "pipeline": pipeline,  # the passes that ran; a pipelined train step's schedule replaces it (program.py)
+        "passes": pipeline,
         "warnings": [],
     }
     if chip.hbm_bytes:
