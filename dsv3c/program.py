@@ -481,6 +481,10 @@ def compile(
     clock = time.perf_counter()
     try:
         options = {**tgt.xla_options, **compiler_options(module)}
+        if prog.stages is not None and tgt.platform == "gpu":
+            # XLA:GPU's Triton GEMMs fail ahead of time on small dots in a pipelined chunk's transposed scan
+            # ("Couldn't find output tile sizes"); cuBLAS runs them
+            options["xla_gpu_enable_triton_gemm"] = False
         breakdown = mode == "train" and (not tgt.local if memory_breakdown is None else memory_breakdown)
         compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, breakdown)
     except OutOfDeviceMemory as err:
