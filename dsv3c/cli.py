@@ -82,7 +82,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         paths = write_dumps(prog.dumps, args.dump_ir)
         _log(f"wrote {len(paths)} dumps to {args.dump_ir}")
         picture = Path(args.dump_ir) / "pipeline.png"
-        if isinstance(prog.report.get("pipeline"), dict) and write_timeline_png(prog.module, picture):
+        if prog.stages is not None and prog.mode == "train" and write_timeline_png(prog.stages, picture):
             _log(f"wrote the pipeline timeline to {picture}")
     if args.report:
         _write_atomic(Path(args.report), json.dumps(prog.report, indent=1) + "\n")

@@ -7,22 +7,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from xdsl.dialects.builtin import ModuleOp
-
 from .runtime.lower.dtypes import result_dtype
 from .runtime.pipeline_ticks import build_tables
 from .runtime.schedules import bubble_formula, render_png, render_table, simulate
-from .runtime.stages import StageLayout, stage_layout
+from .runtime.stages import StageLayout
 
 
-def pipeline_report(module: ModuleOp, batch: int, seq: int) -> dict[str, Any] | None:
-    """The `pipeline` section for a pipelined module (None otherwise): CONTRACT.md's `schedule`, `stages` (the
+def pipeline_report(layout: StageLayout, batch: int, seq: int) -> dict[str, Any]:
+    """The `pipeline` section of a pipelined module with stage layout `layout`: CONTRACT.md's `schedule`, `stages` (the
     ranks along `pipe`), `microbatches` and `bubble_fraction`, and more. Bubbles are in units of one chunk's forward
     (F = B = W = 1), the costs the tables are ordered by; `bubble` is what the compiled tables leave idle on the
     rank that waits longest, `bubble_formula` DeepSeek's closed form for the same costs."""
-    layout = stage_layout(module)
-    if layout is None:
-        return None
     schedule = layout.schedule
     tables = build_tables(schedule)
     stack = layout.stacks[0].op
@@ -50,11 +45,8 @@ def pipeline_report(module: ModuleOp, batch: int, seq: int) -> dict[str, Any] | 
     }
 
 
-def write_timeline_png(module: ModuleOp, path: str | Path) -> bool:
-    """Draws the pipelined module's timeline to `path`; False when there is nothing to draw or no matplotlib."""
-    layout: StageLayout | None = stage_layout(module)
-    if layout is None:
-        return False
+def write_timeline_png(layout: StageLayout, path: str | Path) -> bool:
+    """Draws the schedule's timeline to `path`; False without matplotlib."""
     try:
         render_png(simulate(layout.schedule), path)
     except ImportError:

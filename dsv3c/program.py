@@ -513,9 +513,9 @@ def compile(
         )
         attach_roofline(r, tgt.chip, train=False)
         r.update(kv_cache_report(module))
-    pipelined = pipeline_report(module, batch, seq) if mode == "train" else None
-    if pipelined is not None:  # CONTRACT.md: `pipeline` is then the schedule's section (the passes stay in `passes`)
-        prog.report["pipeline"] = pipelined
+    if prog.stages is not None and mode == "train":
+        # CONTRACT.md: `pipeline` is then the schedule's section (the passes stay in `passes`)
+        prog.report["pipeline"] = pipeline_report(prog.stages, batch, seq)
     prog.report["xla_options"] = options
     if breakdown and "memory_breakdown" not in prog.report:
         prog.report["warnings"].append(

@@ -62,20 +62,25 @@ class _Model:
         self.roles: dict[str, dsv3.OutputRole] = {}
         self.rates: dict[str, float] = {}
 
+    def stage_mesh(self) -> Any:
+        """The mesh a stage's ops see inside `shard_map` (`pipe` manual), or None when no other axis splits
+        anything (each rank then runs its chunks as on one device)."""
+        if self.mesh is None:
+            return None
+        mesh = jax.sharding.get_abstract_mesh()
+        return None if all(size == 1 for name, size in mesh.shape.items() if name != PIPE_AXIS) else mesh
+
     def placed(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Parameters (or their gradients) of a stage constrained to their shardings inside it, as `dsv3-shard`
         wrote them: the weight gradients a chunk's backward accumulates are then split like the weights (left to
         propagation, XLA:TPU kept a whole [layers, experts, ...] f32 gradient per device)."""
-        mesh = jax.sharding.get_abstract_mesh()
-        if self.mesh is None or all(size == 1 for name, size in mesh.shape.items() if name != PIPE_AXIS):
+        mesh = self.stage_mesh()
+        if mesh is None:
             return values
         return {n: lax.with_sharding_constraint(v, NamedSharding(mesh, self.specs[n])) for n, v in values.items()}
 
     def context_for(self, params: dict[str, jax.Array]) -> LoweringContext:
-        mesh = jax.sharding.get_abstract_mesh() if self.mesh is not None else None
-        if mesh is not None and all(size == 1 for name, size in mesh.shape.items() if name != PIPE_AXIS):
-            mesh = None
-        ctx = LoweringContext.for_module(self.module, params, mesh=mesh, explicit=self.explicit)
+        ctx = LoweringContext.for_module(self.module, params, mesh=self.stage_mesh(), explicit=self.explicit)
         # a bf16 gradient for an f32 weight (`runtime/lower/weights.py`) cannot leave the `lax.cond` that skips a
         # band's unused rows (its branches must agree on dtypes): the chunks keep weight gradients in f32
         ctx.grads_in_compute_dtype = False

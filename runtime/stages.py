@@ -13,6 +13,7 @@ this one, so checkpoints, imports and the unpipelined reference keep the IR's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..dialects.pipeline import PipelineOp, split_main_model
 from ..dialects.sharding import BATCH_AXES
 from ..frontend.errors import UserError
 from .model import model_func
+from .pipeline_ticks import local_chunk
 from .schedules import Schedule, build_schedule
 
 PIPE_AXIS = "pipe"
@@ -70,33 +72,21 @@ class StageLayout:
     def staged_names(self) -> set[str]:
         return {name for stack in self.stacks for name in stack.params}
 
-    def staged_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape a pipelined program holds parameter `name` [count, ...] in."""
-        for stack in self.stacks:
-            if name in stack.params:
-                return (self.ranks, stack.rows, *shape[1:])
-        return shape
-
     def stage_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The IR's layout -> the pipelined one (works on arrays and under a trace)."""
-        out = dict(params)
-        for stack in self.stacks:
-            for name in stack.params:
-                if name in params:
-                    out[name] = self._stage(stack, params[name])
-        return out
+        return self._convert(params, self._stage)
 
     def unstage_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The pipelined layout -> the IR's."""
+        return self._convert(params, self._unstage)
+
+    def _convert(self, params: dict[str, Any], convert: Callable[[StackStages, Any], Any]) -> dict[str, Any]:
+        """`params` with each stacked parameter converted by `convert(stack, value)`, the others as they are."""
         out = dict(params)
         for stack in self.stacks:
             for name in stack.params:
                 if name in params:
-                    value = params[name]
-                    out[name] = jnp.concatenate([
-                        value[self.schedule.placement[c], stack.offset[self._local(c)]:][:stack.layers[c]]
-                        for c in range(self.schedule.num_chunks)
-                    ])
+                    out[name] = convert(stack, params[name])
         return out
 
     def staged_sharding(self, name: str, sharding: NamedSharding) -> NamedSharding:
@@ -105,8 +95,11 @@ class StageLayout:
             return sharding
         return NamedSharding(sharding.mesh, PartitionSpec(PIPE_AXIS, *sharding.spec))
 
-    def _local(self, chunk: int) -> int:
-        return self.schedule.chunks_of(self.schedule.placement[chunk]).index(chunk)
+    def _unstage(self, stack: StackStages, value: Any) -> Any:
+        return jnp.concatenate([
+            value[self.schedule.placement[c], stack.offset[local_chunk(self.schedule, c)]:][:stack.layers[c]]
+            for c in range(self.schedule.num_chunks)
+        ])
 
     def _stage(self, stack: StackStages, value: Any) -> Any:
         ranks = []

@@ -125,7 +125,7 @@ def test_a_pipe_axis_adds_dualpipev_and_the_report_gives_its_bubble_and_timeline
     assert (op.schedule.data, op.int_prop("ranks"), op.int_prop("microbatches")) == ("dualpipev", 2, 4)
     from dsv3c.pipeline_report import pipeline_report
 
-    report = pipeline_report(prog.module, 8, 32)
+    report = pipeline_report(prog.stages, 8, 32)
     # (P-1)(F&B + B - 2W) at F = B = W = 1 with a pair costing F + B + W: 1 x (3 + 1 - 2)
     assert report["bubble"] == report["bubble_formula"] == 2
     assert report["layers_per_chunk"] == {"dense": [1, 0, 0, 0], "moe": [0, 1, 1, 1]}
