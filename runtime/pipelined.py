@@ -17,6 +17,7 @@ sum), as gradient accumulation computes it; with equal micro-batches and per-tok
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ from .lower import LoweringContext
 from .lower.registry import lower_ops, lower_region_block
 from .lower.remat import remat_policy
 from .lower.sharding import partition_spec
+from .lower.weights import cast_keeping_gradient_dtype
 from .model import ModelOutputs, model_func
 from .pipeline_ticks import TickTables, Unit, build_tables
 from .stages import PIPE_AXIS, StackStages, StageLayout, check_pipeline
@@ -80,11 +82,7 @@ class _Model:
         return {n: lax.with_sharding_constraint(v, NamedSharding(mesh, self.specs[n])) for n, v in values.items()}
 
     def context_for(self, params: dict[str, jax.Array]) -> LoweringContext:
-        ctx = LoweringContext.for_module(self.module, params, mesh=self.stage_mesh(), explicit=self.explicit)
-        # a bf16 gradient for an f32 weight (`runtime/lower/weights.py`) cannot leave the `lax.cond` that skips a
-        # band's unused rows (its branches must agree on dtypes): the chunks keep weight gradients in f32
-        ctx.grads_in_compute_dtype = False
-        return ctx
+        return LoweringContext.for_module(self.module, params, mesh=self.stage_mesh(), explicit=self.explicit)
 
     def embed(self, flat: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
         """What the first stack takes: the prologue's result (the embedding)."""
@@ -151,17 +149,26 @@ def _masked_scan(stack: StackStages, hidden: jax.Array, weights: list[jax.Array]
     passing the hidden state through the rest."""
     block = stack.op.body.block
 
-    def run(h, layer_params):
+    def run(h, layer_params, ctx=ctx):
         out, *per_layer = lower_region_block(block, [h, *layer_params], ctx)
         return out, tuple(per_layer)
 
+    # A weight whose gradient keeps the compute dtype (`runtime/lower/weights.py`) is cast before the conditional,
+    # not inside it: the branches' gradients must agree on dtypes, and the skipping branch's zeros would be f32.
+    ctx.weight_casts = {}
     shapes = jax.eval_shape(run, hidden, tuple(w[0] for w in weights))[1]
+    casts = {arg.index - 1: dtype for arg, dtype in ctx.weight_casts.items()
+             if isinstance(arg, BlockArgument) and arg.block is block}
+    ctx.weight_casts = None
+    inside = dataclasses.replace(ctx, grads_in_compute_dtype=False)
 
     def skip(h, layer_params):
         return h, tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
 
     def masked(h, layer_params, active):
-        return lax.cond(active, run, skip, h, layer_params)
+        layer_params = tuple(cast_keeping_gradient_dtype(w, casts[i]) if i in casts else w
+                             for i, w in enumerate(layer_params))
+        return lax.cond(active, partial(run, ctx=inside), skip, h, layer_params)
 
     # The checkpoint goes around the conditional, not inside it: a checkpoint's residuals are its inputs, and the
     # scan then reads a layer's weights back from the band instead of stacking a copy of them (which the residuals

@@ -75,7 +75,8 @@ class Output(NamedTuple):
 class LoweringContext:
     """What rules share while one program is traced: the parameters by name, the device mesh (None on one device)
     and whether its axes are explicit, how FP8 GEMMs run (`fp8_backend`, from the module), whether weight gradients
-    keep the compute dtype (`grads_in_compute_dtype`, from the optimizer, `runtime/lower/weights.py`), the named outputs
+    keep the compute dtype (`grads_in_compute_dtype`, from the optimizer, `runtime/lower/weights.py`) and, when
+    `weight_casts` is a dict, which weights were cast that way (to what dtype), the named outputs
     collected so far, the bias updates to apply after the step, the environment of values in scope, and for inference
     steps the caches read (`caches`) and written back (`cache_stores`) by name."""
 
@@ -84,12 +85,12 @@ class LoweringContext:
     explicit: bool = False
     fp8_backend: str = "exact"
     grads_in_compute_dtype: bool = False
+    weight_casts: dict[SSAValue, Any] | None = None
     outputs: list[Output] = field(default_factory=list)
     bias_updates: list[tuple[str, jax.Array, float]] = field(default_factory=list)
     env: MutableMapping[SSAValue, jax.Array] = field(default_factory=dict)
     caches: dict[str, jax.Array] = field(default_factory=dict)
     cache_stores: dict[str, jax.Array] = field(default_factory=dict)
-
 
     @classmethod
     def for_module(cls, module: ModuleOp, params: dict[str, jax.Array], **fields: Any) -> LoweringContext:

@@ -38,6 +38,13 @@ def _cast_backward(dtype: np.dtype, _, cotangent: jax.Array):
 _cast_keeping_gradient_dtype.defvjp(_cast_forward, _cast_backward)
 
 
+def _weight_source(value: SSAValue) -> SSAValue:
+    """The parameter (or stacked layer's block argument) behind `value`, through changes of layout."""
+    while isinstance(value, OpResult) and isinstance(value.op, ShardOp):
+        value = value.op.x
+    return value
+
+
 def _is_weight_read_once(value: SSAValue) -> bool:
     """A parameter, or a layer's slice of a stacked one, that nothing but this op reads (possibly through a change of
     layout, as explicit sharding gathers weights where they are used): its whole gradient comes from one GEMM, so
@@ -57,5 +64,13 @@ def cast_weight(operand: SSAValue, w: jax.Array, dtype: np.dtype, ctx: LoweringC
     """`w` (the value of IR `operand`) in `dtype` for a GEMM; its gradient stays in `dtype` when the optimizer says
     `grads = "compute"` and `operand` is a weight read only here."""
     if w.dtype != dtype and ctx.grads_in_compute_dtype and _is_weight_read_once(operand):
+        if ctx.weight_casts is not None:
+            ctx.weight_casts[_weight_source(operand)] = np.dtype(dtype)
         return _cast_keeping_gradient_dtype(w, dtype)
     return w.astype(dtype)
+
+
+def cast_keeping_gradient_dtype(w: jax.Array, dtype: np.dtype) -> jax.Array:
+    """`w` in `dtype`, its gradient left in `dtype`: for a caller that casts a weight before `cast_weight` sees it
+    (the pipelined step casts a layer's weights outside the conditional that skips padded rows)."""
+    return _cast_keeping_gradient_dtype(w, dtype)
