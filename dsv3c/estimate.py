@@ -15,11 +15,18 @@ It leaves out what XLA adds around them (each op's own temporaries, the backward
 it is below what XLA reports: on deepseek3-test / tpu-v5p-8 (fsdp=4, full recompute) it gives 52 GiB where XLA needs
 60. Above a chip's HBM, the layout cannot fit.
 
+With a `pipe` axis (the `dsv3-pipeline` pass the target adds for it: DualPipeV, 2 x ranks micro-batches), a device
+holds its rank's rows of each layer stack (the widest rank's, as the stage layout pads them) and all of the
+embedding, head and MTP (replicated over `pipe`), an f32 gradient accumulator for what it holds plus one chunk's
+weight gradients, and the saved activations of the micro-batches its tick tables keep in flight, each a micro-batch
+of one chunk's layers (`Stages`).
+
 Time, seconds per step, is the compile report's roofline (`dsv3c/report.py`) with collective bytes estimated instead
 of read off the compiled program: FSDP-style weight gathers (forward and again in backward) and gradient
 reduce-scatters per parameter, gradient all-reduces over `data`, two activation all-reduces per layer and pass over
-`tensor` and `tensor_transpose`, and each MoE layer's all-to-all dispatch and combine over `expert`. It only ranks
-layouts for compiling; the table's figures are the compiler's.
+`tensor` and `tensor_transpose`, and each MoE layer's all-to-all dispatch and combine over `expert`; a pipelined
+step's compute takes 1 / (1 - bubble fraction) as long, and its activations and gradients cross `pipe` every tick.
+It only ranks layouts for compiling; the table's figures are the compiler's.
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ from .dialects import dsv3
 from .dialects.remat import CheckpointOp, RematAction
 from .dialects.sharding import BATCH_AXES
 from .passes.overlap import OverlapPass
+from .passes.pipeline import PipelinePass
 from .passes.remat import POLICIES, RematPass, value_names
 from .passes.shard import DEFAULT_RULES, ShardingError, activation_constraints, describe, resolve, static_shape
 from .pipeline import run_pipeline
+from .runtime.pipeline_ticks import build_tables
+from .runtime.stages import PIPE_AXIS, stage_layout
 from .targets import Chip
 
 
@@ -89,6 +99,43 @@ class Model:
     moe_layers: int
     top_k: int
     expert_hidden: int  # the routed experts' width
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What the pipeline of `ranks` stages the target compiles for a `pipe` axis holds on each rank, from the
+    `dsv3-pipeline` pass's cut and the schedule's tick tables (`stage_facts`)."""
+
+    ranks: int
+    microbatches: int
+    chunks: int
+    rows: dict[str, int]  # per stacked parameter: the rows of it each rank holds
+    band: dict[str, int]  # per stacked parameter: the most rows one chunk runs (one chunk's weight gradients)
+    held: int  # chunk residual sets (one micro-batch of one chunk each) a rank keeps at once
+    payload_slots: int  # hidden states a rank keeps for sending and receiving (activations and gradients)
+    ticks: int
+    bubble_fraction: float
+
+
+def stage_facts(module: ModuleOp, ranks: int) -> Stages:
+    """Cuts a clone of `module` as `dsv3c compile` does for `pipe=ranks` (the pass the target adds, with its
+    defaults), or raises the `UserError` the pass gives."""
+    clone = module.clone()
+    run_pipeline(clone, [PipelinePass(ranks=ranks, schedule="dualpipev")])
+    layout = stage_layout(clone)
+    assert layout is not None
+    tables = build_tables(layout.schedule)
+    return Stages(
+        ranks=ranks,
+        microbatches=layout.schedule.microbatches,
+        chunks=layout.schedule.num_chunks,
+        rows={n: s.rows for s in layout.stacks for n in s.params},
+        band={n: max(s.width) for s in layout.stacks for n in s.params},
+        held=sum(tables.res_slots),
+        payload_slots=tables.act_slots + tables.grad_slots,
+        ticks=tables.ticks,
+        bubble_fraction=float(tables.bubble_fraction),
+    )
 
 
 @dataclass(frozen=True)
@@ -150,12 +197,18 @@ def model_facts(module: ModuleOp) -> Model:
     )
 
 
-def refusal(model: Model, mesh: dict[str, int], batch: int) -> str | None:
-    """Why `dsv3-shard` or the batch refuses a mesh (the messages they give), or None."""
+def refusal(model: Model, mesh: dict[str, int], batch: int, stages: Stages | None = None) -> str | None:
+    """Why `dsv3-shard`, the batch or the pipeline's micro-batches refuse a mesh (the messages they give), or None."""
     ways = math.prod(mesh.get(a, 1) for a in BATCH_AXES)
     if batch % ways:
         axes = "x".join(a for a in BATCH_AXES if mesh.get(a, 1) > 1)
         return f"batch {batch} does not divide over the batch mesh axes {axes} = {ways} devices"
+    if stages is not None:
+        if batch % stages.microbatches:
+            return f"batch {batch} does not divide into the pipeline's {stages.microbatches} micro-batches"
+        if (batch // stages.microbatches) % ways:
+            return (f"a micro-batch of {batch // stages.microbatches} sequences does not divide over the {ways} "
+                    "devices of the batch mesh axes")
     for p in model.params:
         try:
             resolve(p.axes, p.shape, mesh, DEFAULT_RULES)
@@ -171,11 +224,13 @@ def refusal(model: Model, mesh: dict[str, int], batch: int) -> str | None:
 
 def estimate(
     model: Model, mesh: dict[str, int], remat: str, fused_head: bool, batch: int, seq: int, flops: float,
-    chip: Chip,
+    chip: Chip, stages: Stages | None = None,
 ) -> Estimate:
-    """Memory and step time per device of a layout `refusal` accepts; `flops` is the step's model FLOPs."""
+    """Memory and step time per device of a layout `refusal` accepts; `flops` is the step's model FLOPs. A mesh
+    with a `pipe` axis needs its `stages` (`stage_facts`)."""
     ways = {a: mesh.get(a, 1) for a in ("data", "tensor", "tensor_transpose", "expert")}
-    local_batch = batch // math.prod(mesh.get(a, 1) for a in BATCH_AXES)
+    microbatches = stages.microbatches if stages is not None else 1
+    local_batch = batch // microbatches // math.prod(mesh.get(a, 1) for a in BATCH_AXES)
     params = optimizer = gradients = 0
     gathered: dict[int, float] = {}  # per layer stack: one layer's weights as its GEMMs read them
     collective = 0.0
@@ -184,6 +239,15 @@ def estimate(
         split = math.prod(mesh[a] for d in dims for a in d)
         local = p.size / split
         grad = local * (model.compute_itemsize if model.grads_in_compute and p.is_gemm_weight else p.itemsize)
+        if stages is not None:
+            # a rank's rows of a stacked parameter; the gradient is an f32 accumulator over micro-batches beside
+            # the weight gradients of the widest chunk's band
+            if p.name in stages.rows:
+                count = model.stacked[p.name][1]
+                grad = local / count * (stages.rows[p.name] * p.itemsize + stages.band[p.name] * grad / local)
+                local = local / count * stages.rows[p.name]
+            else:
+                grad = local * p.itemsize
         params += round(local * p.itemsize)
         if p.trainable:
             optimizer += round(local * (model.moments_itemsize + p.itemsize))
@@ -195,17 +259,27 @@ def estimate(
         )
         if p.name in model.stacked:
             stack, count = model.stacked[p.name]
-            gathered[stack] = gathered.get(stack, 0.0) + local * gather / count * model.compute_itemsize
+            one_layer = p.size / split / count
+            gathered[stack] = gathered.get(stack, 0.0) + one_layer * gather * model.compute_itemsize
+        # a pipelined rank gathers its layers' weights (and reduces their gradients) for every micro-batch
+        rounds = microbatches if stages is not None and p.name in stages.rows else 1
         if gather > 1 and p.trainable:
-            collective += 2 * local * gather * model.compute_itemsize + grad
+            collective += rounds * (2 * local * gather * model.compute_itemsize + grad)
         if ways["data"] > 1 and p.trainable:
             collective += grad
     saved = sum(_bytes(a, local_batch, seq, ways["tensor"]) for a in model.saved[remat])
+    if stages is not None:
+        # each held residual set is one micro-batch of one chunk (a chunk's share of the layers), beside the hidden
+        # states in the tables' send and receive slots
+        payload = local_batch * seq * model.dim * model.compute_itemsize
+        saved = saved * stages.held / stages.chunks + payload * stages.payload_slots
+        collective += 2 * stages.ticks * payload  # an activation and a gradient over `pipe` per tick
     logits = 0.0 if fused_head else sum(_bytes(a, local_batch, seq, ways["tensor"]) for a in model.logits)
     # The logits are gone before the layers' gradients exist: they count where they outgrow the gradients.
     activations = saved + max(gathered.values(), default=0.0) + _dispatch(model, mesh, local_batch * seq)
     activations += max(logits - gradients, 0.0)
-    hidden = local_batch * seq * model.dim * model.compute_itemsize
+    # the layers' activations a device exchanges, over all micro-batches of its rank's share of the layers
+    hidden = local_batch * seq * model.dim * model.compute_itemsize * microbatches / mesh.get(PIPE_AXIS, 1)
     for axis in ("tensor", "tensor_transpose"):
         if ways[axis] > 1:
             collective += 4 * model.layers * hidden  # attention and FFN outputs, forward and backward
@@ -213,8 +287,9 @@ def estimate(
         share = (ways["expert"] - 1) / ways["expert"]
         collective += 4 * model.moe_layers * model.top_k * hidden * share  # dispatch and combine, both passes
     devices = math.prod(mesh.values())
+    bubble = stages.bubble_fraction if stages is not None else 0.0
     seconds = max(
-        flops / (devices * chip.peak_bf16_flops),
+        flops / (devices * chip.peak_bf16_flops) / (1 - bubble),
         3 * (params + optimizer) / chip.hbm_bandwidth,
         collective / chip.interconnect_bandwidth,
     )

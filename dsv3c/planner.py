@@ -1,12 +1,14 @@
 """`dsv3c plan`: which layout of a training step to use on a target's chips.
 
 A layout is a mesh (a split of the chips over `data`, `fsdp`, `fsdp_transpose`, `expert`, `tensor`,
-`tensor_transpose`), a sharding mode, a recompute policy (`dsv3-remat`) and the head-loss form
-(`dsv3-fuse-head-loss`); the optimizer's `grads` dtype is the spec's. The plan:
+`tensor_transpose`, and over `pipe` for pipeline stages: the target's DualPipeV), a sharding mode, a recompute policy
+(`dsv3-remat`) and the head-loss form (`dsv3-fuse-head-loss`); the optimizer's `grads` dtype is the spec's. The plan:
 
-1. enumerates the layouts (`meshes`: every split with at most three axes larger than one);
-2. refuses those `dsv3-shard` or the batch cannot place (with their message) and prunes those whose analytic
-   estimate (`dsv3c/estimate.py`, which is below what XLA needs) is above the chip's HBM;
+1. enumerates the layouts (`meshes`: every split with at most three axes larger than one, and the same behind each
+   `pipe` size `pipe_sizes` allows);
+2. refuses those `dsv3-shard`, the batch or the micro-batches cannot place (with their message; explicit sharding
+   with `pipe`) and prunes those whose analytic estimate (`dsv3c/estimate.py`, which is below what XLA needs) is
+   above the chip's HBM;
 3. compiles a few survivors ahead of time, each in its own spawned process (its memory returns to the system when
    it ends), at most `jobs` at once, `max_compiles` in all: first two thirds of them on the best meshes by the
    estimate, each with the target's default recompute policy; then the best of those that fits with one option
@@ -36,13 +38,14 @@ from xdsl.dialects.builtin import ModuleOp
 
 from .dialects.sharding import MESH_AXES
 from .dialects.text import print_ir
-from .estimate import Estimate, Model, estimate, model_facts, refusal
+from .estimate import Estimate, Model, Stages, estimate, model_facts, refusal, stage_facts
 from .frontend.errors import DoesNotFitError, Dsv3cError, UserError
 from .frontend.spec import ParallelSpec
 from .layout import mesh_text, set_layout
 from .passes.remat import POLICIES, RematPass
 from .program import Source, load_module
 from .report import model_flops
+from .runtime.stages import PIPE_AXIS
 from .targets import Target, resolve_target
 
 GiB = 1 << 30
@@ -95,12 +98,28 @@ def layout_label(layout: ParallelSpec) -> str:
     return text + (" head_loss=fused" if layout.head_loss == "fused" else "")
 
 
-def meshes(chips: int, moe: bool) -> list[dict[str, int]]:
+def meshes(chips: int, moe: bool, pipes: Sequence[int] = ()) -> list[dict[str, int]]:
     """Every split of `chips` over the mesh axes (sizes in `MESH_AXES` order) with at most `MAX_AXES` axes larger than
     one; `expert` only for a MoE model, `fsdp_transpose` only beside `fsdp` (alone, the shard rules give it the
-    weights `fsdp` would take). One chip is `fsdp=1`."""
-    # `pipe` is not planned yet: the estimate knows nothing of stages (compile with --mesh pipe=N to try one)
-    axes = [a for a in MESH_AXES if a != "pipe" and (moe or a != "expert")]
+    weights `fsdp` would take). One chip is `fsdp=1`. Each size in `pipes` that divides the chips adds the splits
+    of the rest with that `pipe` axis in front (pipeline stages, each split like a smaller slice)."""
+    found = _splits(chips, moe)
+    for pipe in pipes:
+        if pipe > 1 and chips % pipe == 0:
+            found += [{PIPE_AXIS: pipe, **mesh} for mesh in _splits(chips // pipe, moe) if mesh != {"fsdp": 1}]
+            if chips == pipe:
+                found.append({PIPE_AXIS: pipe})
+    return found
+
+
+def pipe_sizes(chips: int, layers: int) -> list[int]:
+    """The `pipe` sizes a plan tries: powers of two dividing the chips whose DualPipeV chunks (two per rank) each get
+    a layer."""
+    return [p for p in (2 ** k for k in range(1, chips.bit_length())) if chips % p == 0 and 2 * p <= layers]
+
+
+def _splits(chips: int, moe: bool) -> list[dict[str, int]]:
+    axes = [a for a in MESH_AXES if a != PIPE_AXIS and (moe or a != "expert")]
     found: list[dict[str, int]] = []
 
     def place(index: int, left: int, mesh: dict[str, int]) -> None:
@@ -170,7 +189,7 @@ def plan(
         raise UserError(f"shard modes must be auto or explicit (got {', '.join(unknown) or 'none'})")
     module = load_module(source)
     model = model_facts(module)
-    rows = _candidates(model, tgt, chips, batch, seq, model_flops(module, batch, seq, train=True), shard_modes)
+    rows = _candidates(module, model, tgt, chips, batch, seq, model_flops(module, batch, seq, train=True), shard_modes)
     batch_refusals = [r for r in rows if r.status == "refused" and r.reason.startswith(f"batch {batch} ")]
     if len(batch_refusals) == len(rows):
         raise UserError(f"batch {batch} does not divide over the batch axes of any layout of {chips} chips")
@@ -195,21 +214,34 @@ def plan(
 
 
 def _candidates(
-    model: Model, tgt: Target, chips: int, batch: int, seq: int, flops: float, shard_modes: Sequence[str]
+    module: ModuleOp, model: Model, tgt: Target, chips: int, batch: int, seq: int, flops: float,
+    shard_modes: Sequence[str],
 ) -> list[PlanRow]:
-    """Every layout, refused, pruned or `survives` (the estimate fits)."""
+    """Every layout, refused, pruned or `survives` (the estimate fits); meshes with a `pipe` axis are cut as
+    `dsv3c compile` cuts them (`stage_facts`)."""
     heads = ("unfused", "fused") if model.logits else ("unfused",)
     rows = []
-    for mesh in meshes(chips, model.moe_layers > 0):
-        why = refusal(model, mesh, batch)
+    stages: dict[int, Stages | str] = {}  # per pipe size: the stage facts, or why the model cannot be cut so
+    for pipe in pipe_sizes(chips, model.layers):
+        try:
+            stages[pipe] = stage_facts(module, pipe)
+        except UserError as err:
+            stages[pipe] = str(err)
+    for mesh in meshes(chips, model.moe_layers > 0, list(stages)):
+        cut = stages.get(mesh.get(PIPE_AXIS, 1))
+        why = cut if isinstance(cut, str) else refusal(model, mesh, batch, cut)
         for mode in shard_modes:
             for policy in POLICIES:
                 for head in heads:
                     layout = ParallelSpec(mesh, mode, policy, head, tgt.name)
+                    if why is None and cut is not None and mode == "explicit":
+                        rows.append(PlanRow(layout, "refused", "explicit sharding does not compose with pipe"))
+                        continue
                     if why is not None:
                         rows.append(PlanRow(layout, "refused", why))
                         continue
-                    guess = estimate(model, mesh, policy, head == "fused", batch, seq, flops, tgt.chip)
+                    assert not isinstance(cut, str)
+                    guess = estimate(model, mesh, policy, head == "fused", batch, seq, flops, tgt.chip, cut)
                     hbm = tgt.chip.hbm_bytes
                     if guess.total > hbm:
                         reason = f"estimate {guess.total / GiB:.1f} GiB is above the {hbm // GiB} GiB HBM"

@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
+import jax
 import pytest
 
 import dsv3c
 from dsv3c.cli import main
 from dsv3c.dialects.text import print_ir
-from dsv3c.estimate import estimate, model_facts
+from dsv3c.estimate import estimate, model_facts, refusal, stage_facts
 from dsv3c.frontend.rewrite import parallel_block, with_parallel_block
 from dsv3c.frontend.spec import ParallelSpec
-from dsv3c.planner import PlanRow, choose_winner, meshes
+from dsv3c.planner import PlanRow, choose_winner, meshes, pipe_sizes
 from dsv3c.report import model_flops
 from dsv3c.targets import CHIPS
 
@@ -158,6 +160,51 @@ def test_the_estimate_counts_parameters_optimizer_and_gradients_by_hand():
     # Full recompute keeps each layer's input, [batch 2 per device, 32, 32] in f32; no recompute keeps more.
     none = estimate(model, {"fsdp": 2}, "none", False, batch=4, seq=32, flops=flops, chip=CHIPS["v5p"])
     assert model.saved["full"][0].shape == (-1, -1, 32) and none.activations > fsdp.activations
+
+
+def test_pipe_meshes_split_the_rest_of_the_chips_behind_the_pipe_axis():
+    assert pipe_sizes(8, layers=4) == [2] and pipe_sizes(8, layers=16) == [2, 4, 8] and pipe_sizes(6, 61) == [2]
+    plain = meshes(4, moe=True)
+    piped = [m for m in meshes(8, moe=True, pipes=[2]) if "pipe" in m]
+    assert sorted(map(str, piped)) == sorted(str({"pipe": 2, **m}) for m in plain)
+    assert {"pipe": 4} in meshes(4, moe=True, pipes=[4])
+
+
+def test_a_pipelined_estimate_holds_what_the_compiled_stage_layout_holds():
+    """Parameters and AdamW moments per device are the staged training state's shards, as the pipelined program
+    places them (tiny on pipe=2,fsdp=2: DualPipeV's four chunks, each rank's rows padded to the widest band,
+    embedding, head and MTP whole on both ranks); the gradients an f32 accumulator of the same shards plus one
+    band's gradients of the stacked weights; with a bubble, the pipelined step takes longer than the plain one."""
+    spec = dsv3c.load("examples/tiny.dsv3")
+    module = dsv3c.build_ir(spec)
+    model = model_facts(module)
+    stages = stage_facts(module, 2)
+    flops = model_flops(module, 8, 32, train=True)
+    mesh = {"pipe": 2, "fsdp": 2}
+    e = estimate(model, mesh, "full", False, batch=8, seq=32, flops=flops, chip=CHIPS["v5p"], stages=stages)
+    prog = dsv3c.prepare(spec, batch=8, seq=32, mesh=mesh, devices=4)
+    assert prog.stages is not None and prog.stages.schedule.name == "dualpipev"
+    state = prog.abstract_state()
+
+    def per_device(tree) -> int:  # the arrays' shards (not the optimizer's step counters)
+        return sum(math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(tree)
+                   if v.ndim)
+
+    assert e.params == per_device(state["params"]) + per_device(state["router_bias"])
+    assert e.optimizer == per_device(state["opt_state"])
+    band = sum(math.prod(v.sharding.shard_shape(v.shape)[2:]) * stages.band[n] * 4
+               for n, v in state["params"].items() if n in stages.band)
+    assert e.gradients == per_device(state["params"]) + band  # f32 compute: the band's gradients are f32 too
+    plain = estimate(model, {"fsdp": 4}, "full", False, batch=8, seq=32, flops=flops, chip=CHIPS["v5p"])
+    assert e.step_time_s > plain.step_time_s and stages.bubble_fraction > 0
+
+
+def test_a_pipelined_layout_is_refused_where_the_micro_batches_do_not_divide():
+    module = dsv3c.build_ir(dsv3c.load("examples/tiny.dsv3"))
+    model, stages = model_facts(module), stage_facts(module, 2)
+    assert refusal(model, {"pipe": 2, "fsdp": 2}, 8, stages) is None
+    assert "into the pipeline's 4 micro-batches" in refusal(model, {"pipe": 2, "fsdp": 2}, 6, stages)
+    assert "a micro-batch of 2 sequences" in refusal(model, {"pipe": 2, "fsdp": 4}, 8, stages)
 
 
 def _row(bound: float, total: int, status: str = "fits") -> PlanRow:
