@@ -26,8 +26,9 @@ def pytest_unconfigure(config) -> None:
 
 
 # Files in the order their work starts: the longest first, so that the workers (a whole file each) finish together.
-LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_sharding.py", "test_decode.py", "test_fp8.py",
-                 "test_ir.py", "test_remat.py", "test_targets.py", "test_readme.py", "test_compile.py")
+LONGEST_FIRST = ("test_pipeline_lowering.py", "test_train.py", "test_multihost.py", "test_sharding.py",
+                 "test_decode.py", "test_fp8.py", "test_ir.py", "test_remat.py", "test_targets.py", "test_readme.py",
+                 "test_compile.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
