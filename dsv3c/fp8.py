@@ -3,7 +3,8 @@
 `dsv3c.compile(..., fp8="native" | "emulate")` (CLI `--fp8`) adds `dsv3-fp8-quant` to the pipeline unless `-p`
 already names it. Whoever inserted the FP8 ops, the target then decides how they run (its `dsv3-kernels` pass writes
 the choice into the IR as the module attribute `dsv3.fp8_backend`):
-- GPUs with FP8 tensor cores (H100, H200): native FP8 GEMMs, unless emulation is asked for;
+- GPUs with FP8 tensor cores (H100, H200): native FP8 GEMMs, unless emulation is asked for; on one GPU the
+  fine-grained (block-scaled) ones run as the Pallas kernels of `runtime/kernels/fp8_gemm.py`;
 - the CPU: exact emulation (FP8 values, exact products and block sums, FP32 accumulation across blocks), the
   reference the tests check bit for bit;
 - TPU v5p/v5e/v6e have no FP8 units (int8 only): refused, unless emulation is asked for (FP8 values widened to
@@ -47,6 +48,8 @@ _WHY = {
     "exact": ("emulated", "exact emulation (FP8 values, exact block sums, FP32 accumulation across blocks)"),
     "emulate": ("emulated", "emulation: FP8 values widened to BF16, FP32 sums"),
     "native": ("native", "native FP8 GEMMs on the target's FP8 tensor cores"),
+    "pallas": ("native", "block-scaled FP8 Pallas (Triton) kernels for the fine-grained GEMMs, native FP8 GEMMs for "
+                         "the rest, on the target's FP8 tensor cores"),
 }
 
 

@@ -152,9 +152,10 @@ class Target:
 
     # -- the pass pipeline ---------------------------------------------------------------------------------------
 
-    def fp8_backend(self, fp8: str) -> str:
-        """How FP8 GEMMs run here (`exact`, `emulate`, `native`, or `unavailable`) when `fp8` was asked for (or
-        the IR holds FP8 ops anyway). Asking for native FP8 where there is none is refused at once."""
+    def fp8_backend(self, fp8: str, devices: int = 1) -> str:
+        """How FP8 GEMMs run here (`exact`, `emulate`, `native`, `pallas` or `unavailable`) when `fp8` was asked for
+        (or the IR holds FP8 ops anyway) on a mesh of `devices`. Asking for native FP8 where there is none is refused
+        at once."""
         if fp8 == "emulate":
             return "emulate"
         if self.chip.has_fp8:
@@ -167,9 +168,10 @@ class Target:
             )
         return "unavailable"
 
-    def kernels_pass(self, fp8: str) -> ModulePass:
+    def kernels_pass(self, fp8: str, devices: int = 1) -> ModulePass:
         """`dsv3-kernels` with this target's choices; choices already in the IR are kept (and checked later)."""
-        return KernelsPass(**{k: v.value for k, v in self.kernels.items()}, fp8=self.fp8_backend(fp8), keep=True)
+        backend = self.fp8_backend(fp8, devices)
+        return KernelsPass(**{k: v.value for k, v in self.kernels.items()}, fp8=backend, keep=True)
 
     def default_passes(self, mode: str) -> list[ModulePass]:
         """The mode's passes before any FP8, sharding or kernel choice."""
@@ -195,7 +197,7 @@ class Target:
             if mode == "train":
                 passes.append(OverlapPass(platform=self.platform))
         if KernelsPass.name not in names:
-            passes.append(self.kernels_pass(request.fp8))
+            passes.append(self.kernels_pass(request.fp8, math.prod(request.mesh.values())))
         return passes
 
     # -- lowering ------------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class Target:
                 error.op = op
                 raise locate(error) if locate else error
         backend = module.attributes.get(FP8_BACKEND_ATTR)
-        if isinstance(backend, StringAttr) and backend.data == "native" and not self.chip.has_fp8:
+        if isinstance(backend, StringAttr) and backend.data in ("native", "pallas") and not self.chip.has_fp8:
             raise UserError(f"the IR asks for native FP8 GEMMs, but target '{self.name}' has no FP8 hardware")
 
 
@@ -229,7 +231,7 @@ class CpuTarget(Target):
     def parse(cls, name: str) -> Target | None:
         return cls(name, CHIPS["cpu"], 0, True) if name == "cpu" else None
 
-    def fp8_backend(self, fp8: str) -> str:
+    def fp8_backend(self, fp8: str, devices: int = 1) -> str:
         if fp8 == "native":
             raise UserError("target 'cpu' has no FP8 arithmetic: FP8 on the CPU is emulated (use --fp8 emulate)")
         return "exact"
@@ -252,6 +254,14 @@ class GpuTarget(Target):
 
     kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.CUDNN, "experts": Kernel.RAGGED_DOT}
     offers: ClassVar[frozenset[Kernel]] = Target.offers | {Kernel.CUDNN}
+
+    def fp8_backend(self, fp8: str, devices: int = 1) -> str:
+        """Hopper's fine-grained FP8 GEMMs as the block-scaled Pallas kernels (`runtime/kernels/fp8_gemm.py`): XLA
+        has no block-scaled GEMM and round-trips every K-block's FP32 partial through memory. On a mesh of more
+        than one device XLA's FP8 GEMMs run instead: a kernel call cannot be partitioned by XLA, and running it per
+        shard needs a `shard_map` per FP8 op's sharding, not built yet."""
+        backend = super().fp8_backend(fp8, devices)
+        return "pallas" if backend == "native" and devices == 1 else backend
 
     @classmethod
     def parse(cls, name: str) -> Target | None:

@@ -1,7 +1,8 @@
 """`dsv3-kernels`: choose the implementation of each compute-heavy op for the target.
 
 Writes `kernel = #dsv3<kernel NAME>` on every `dsv3.attention` (`attention=`) and `dsv3.experts` (`experts=`), and
-the module attribute `dsv3.fp8_backend` (`fp8=`: `exact` emulation, `emulate` on BF16 units, `native` FP8 GEMMs)
+the module attribute `dsv3.fp8_backend` (`fp8=`: `exact` emulation, `emulate` on BF16 units, `native` FP8 GEMMs,
+`pallas` the block-scaled FP8 kernels for fine-grained tiles and native FP8 GEMMs for the rest)
 that says how the FP8 GEMMs run. Each target's default pipeline ends with this pass and its own choices
 (`dsv3c/targets.py`), so the dump shows what every op will lower to, and a hand edit of the dump changes it.
 
@@ -24,7 +25,7 @@ from ..dialects.kernels import Kernel, KernelAttr
 from ..dialects.quant import FP8MatmulOp
 from ..runtime.lower.registry import FP8_BACKEND_ATTR
 
-FP8_BACKENDS = ("exact", "emulate", "native")
+FP8_BACKENDS = ("exact", "emulate", "native", "pallas")
 
 
 def holds_fp8(module: ModuleOp) -> bool:

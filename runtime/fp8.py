@@ -14,7 +14,11 @@ Three backends compute the per-block GEMMs:
   E5M2 gradients (multiples of 2^-16 up to 57344) a block is exact unless its products span more than about 2^46.
   The CPU's emulation (float64 is cheap there);
 - `emulate`: FP8 values widened to BF16 (exactly: both formats fit in it) and multiplied with FP32 accumulation,
-  for accelerators without FP8 units or float64 (TPU), where the hardware's accumulation order applies.
+  for accelerators without FP8 units or float64 (TPU), where the hardware's accumulation order applies;
+- `pallas`: the fine-grained GEMMs (1 x 128 tiles against 128 x 128 or 128 x 1 blocks) as the block-scaled Pallas
+  kernels of `runtime/kernels/fp8_gemm.py` (one Triton kernel per GEMM, the FP32 accumulator in registers: what
+  XLA cannot fuse), everything else as `native`. Lowered for CUDA they are Triton kernels; lowered for any other
+  platform they run in Pallas's interpreter (how the tests check this path on the CPU).
 
 Everything here works on 2-D operands (callers flatten leading axes) and knows nothing of the IR.
 """
@@ -30,7 +34,7 @@ from jax import lax
 
 DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 MAX = {"e4m3": 448.0, "e5m2": 57344.0}
-BACKENDS = ("native", "emulate", "exact")
+BACKENDS = ("native", "emulate", "exact", "pallas")
 # Partial-product blocks computed in one batched GEMM before they are folded into the accumulator: bounds the
 # FP32 temporaries of a long K (K/128 blocks of [M, N]) without giving up batching.
 _PARTIALS_BYTES = 256 << 20
@@ -125,7 +129,7 @@ def _scaled_dot(spec: str, a: jax.Array, b: jax.Array, scale: jax.Array, backend
     values. exact: the block sum in float64 (exact, see the module docstring), multiplied by the scale in float64
     and rounded once to FP32. Fusing the scaling into the product also keeps XLA from contracting
     `acc + partial * scale` into an FMA, which would make the result depend on how the compiler fused it."""
-    if backend == "native":
+    if backend in ("native", "pallas"):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) * scale
     if backend == "emulate":
         wide = jnp.bfloat16
@@ -133,6 +137,21 @@ def _scaled_dot(spec: str, a: jax.Array, b: jax.Array, scale: jax.Array, backend
     with jax.enable_x64(True):
         exact = jnp.einsum(spec, a.astype(jnp.float64), b.astype(jnp.float64))
         return (exact * scale.astype(jnp.float64)).astype(jnp.float32)
+
+
+def _kernel_tiles(ta: Tiling, tb: Tiling) -> bool:
+    """Whether the Pallas kernels take these tilings: 1 x 128 tiles on a, 128 x 128 or 128 x 1 blocks on b."""
+    return (ta.rows, ta.cols, tb.rows) == (1, 128, 128) and tb.cols in (128, 1)
+
+
+def _on_platform(kernel, *args, **options) -> jax.Array:
+    """A Pallas kernel call: the Triton kernel where the program is lowered for CUDA, Pallas's interpreter on
+    other platforms (the same arithmetic, in XLA ops)."""
+    return lax.platform_dependent(
+        *args,
+        cuda=lambda *a: kernel(*a, **options),
+        default=lambda *a: kernel(*a, **options, interpret=True),
+    )
 
 
 def _chunk(blocks: int, out_elems: int) -> int:
@@ -154,6 +173,11 @@ def blocked_matmul(
     n = b.shape[1]
     if ta.per_tensor:
         return _scaled_dot("mk,kn->mn", a, b, a_scales[0, 0] * b_scales[0, 0], backend)
+    if backend == "pallas" and _kernel_tiles(ta, tb):
+        from .kernels import fp8_gemm
+
+        return _on_platform(fp8_gemm.block_scaled_matmul, a, a_scales, b, b_scales, out_dtype=jnp.float32,
+                            b_block_n=tb.cols)
     kb = ta.cols or k
     if (tb.rows or k) != kb or ta.rows not in (1, 0):
         raise ValueError(f"block-scaled GEMM needs 1 x {kb} tiles on a and {kb} x n blocks on b ({ta}, {tb})")
@@ -191,7 +215,7 @@ def blocked_matmul(
 
 def _scaled_ragged(a: jax.Array, b: jax.Array, group_sizes: jax.Array, scale: jax.Array, backend: str) -> jax.Array:
     """`ragged_dot(a, b, group_sizes) * scale`, like `_scaled_dot`."""
-    if backend == "native":
+    if backend in ("native", "pallas"):
         return lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32) * scale
     if backend == "emulate":
         wide = jnp.bfloat16
@@ -219,6 +243,11 @@ def blocked_ragged_matmul(
     group = group_of_rows(group_sizes, t_rows)
     if ta.per_tensor:
         return _scaled_ragged(a, b, group_sizes, (a_scales[0, 0] * b_scales[group, 0, 0])[:, None], backend)
+    if backend == "pallas" and _kernel_tiles(ta, tb):
+        from .kernels import fp8_gemm
+
+        return _on_platform(fp8_gemm.block_scaled_grouped_matmul, a, a_scales, b, b_scales, group_sizes,
+                            out_dtype=jnp.float32, b_block_n=tb.cols)
     kb = ta.cols or k
     blocks = math.ceil(k / kb)
     a_blk = _pad_to(a, 1, kb)
@@ -282,6 +311,11 @@ def grouped_weight_grad(
     xq, xs = quantize(x_pad, tx)  # [total, K], scales [tiles, K]
     gq, gs = quantize(g_pad, tg)  # [total, N], scales [tiles, N]
     tiles = total // tile
+    if backend == "pallas" and (tx.rows, tx.cols, tg.rows, tg.cols) == (128, 1, 128, 1):
+        from .kernels import fp8_gemm
+
+        return _on_platform(fp8_gemm.block_scaled_grouped_weight_grad, xq, xs, gq, gs, group_sizes,
+                            out_dtype=jnp.float32)
 
     def body(i, acc):
         xt = lax.dynamic_slice_in_dim(xq, i * tile, tile, axis=0)
