@@ -263,6 +263,17 @@ class GpuTarget(Target):
         backend = super().fp8_backend(fp8, devices)
         return "pallas" if backend == "native" and devices == 1 else backend
 
+    def kernels_pass(self, fp8: str, devices: int = 1) -> ModulePass:
+        """cuDNN attention, except ahead of time on a host without a GPU: JAX checks cuDNN's head width against the
+        local device while it traces (`jax/_src/cudnn/fused_attention_stablehlo.py`, `check_is_flash_attention`)
+        and, finding no Hopper, allows at most 128, where DeepSeek-V3's queries and keys are 192 wide. There the
+        attention runs blockwise (online softmax, no S x S scores either), and the dump says so."""
+        chosen = super().kernels_pass(fp8, devices)
+        if not self.local and not _local_gpu():
+            return KernelsPass(attention=Kernel.BLOCKWISE.value, experts=chosen.experts, fp8=chosen.fp8,
+                               keep=chosen.keep)
+        return chosen
+
     @classmethod
     def parse(cls, name: str) -> Target | None:
         if name == "gpu":
@@ -377,6 +388,13 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def _local_gpu() -> bool:
+    """Whether JAX's default backend here is a GPU."""
+    import jax
+
+    return jax.default_backend() == "gpu"
 
 
 def _gpu_devices(kind: str, count: int) -> list[Any]:
