@@ -391,10 +391,17 @@ def _has_module(name: str) -> bool:
 
 
 def _local_gpu() -> bool:
-    """Whether JAX's default backend here is a GPU."""
+    """Whether JAX's default backend here is a GPU (starting JAX's backends as `_gpu_devices` needs them)."""
+    _allow_compile_only_cuda()
     import jax
 
     return jax.default_backend() == "gpu"
+
+
+def _allow_compile_only_cuda() -> None:
+    """Lets the CUDA plugin start on a host without a GPU or a matching CUDA, where it only compiles; must be set
+    before JAX starts its backends."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
 def _gpu_devices(kind: str, count: int) -> list[Any]:
@@ -402,7 +409,7 @@ def _gpu_devices(kind: str, count: int) -> list[Any]:
         raise UserError(
             f"GPU targets need the CUDA plugin to compile ahead of time: pip install 'dsv3c[gpu-aot]' ({kind})"
         )
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    _allow_compile_only_cuda()
     from jax.experimental import topologies
 
     chip = CHIPS[kind]
