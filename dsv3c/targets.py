@@ -252,7 +252,11 @@ class CpuTarget(Target):
 class GpuTarget(Target):
     """NVIDIA H100/H200: the local GPU (`gpu`) or one compiled for ahead of time (`gpu-h100`, `gpu-h200`)."""
 
-    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.CUDNN, "experts": Kernel.RAGGED_DOT}
+    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.CUDNN, "experts": Kernel.TILED}
+    """Experts over row tiles: XLA:GPU computes `lax.ragged_dot`'s weight gradient (a ragged contraction) densely,
+    every row masked once per local expert ([64 experts, 65,536 rows, 7,168] bf16, 56 GiB, four of them live at once
+    in the 671B step on 128 H100s with expert=4: 287.6 GiB of temporaries against 70.2 with row tiles,
+    `benchmarks/RESULTS.md`). Speed on a real H100 is not measured yet."""
     offers: ClassVar[frozenset[Kernel]] = Target.offers | {Kernel.CUDNN}
 
     def fp8_backend(self, fp8: str, devices: int = 1) -> str:
