@@ -342,8 +342,10 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
         "acts": slots(trash_act + 1, payload_shape),
         "grads": slots(trash_grad + 1, payload_shape),
         "res": [slots(max(n, 1), shapes) for n, shapes in zip(tables.res_slots, res_shapes, strict=True)],
-        "g_slabs": _zeros(slabs),
-        "g_flat": _zeros(flat),
+        # the gradient accumulators are split like the parameters (left to propagation, a loop carry's sharding
+        # need not be: the update then re-shards every gradient, an all-to-all and a copy of each)
+        "g_slabs": model.placed(_zeros(slabs)),
+        "g_flat": model.placed(_zeros(flat)),
         "loss": jnp.zeros((), jnp.float32),
         "metrics": _zeros(head_shapes[0]),
         "loads": _zeros(head_shapes[1]),
@@ -403,7 +405,7 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
                         if st.width[k]:
                             band = slice(st.offset[k], st.offset[k] + st.width[k])
                             g_slabs[n] = g_slabs[n].at[band].add(g_rows[n].astype(g_slabs[n].dtype))
-                return g_slabs, jax.tree.map(jnp.add, c["g_flat"], g_flat), g_x
+                return model.placed(g_slabs), model.placed(jax.tree.map(jnp.add, c["g_flat"], g_flat)), g_x
             return go
 
         g_slabs, g_flat, g_x = by_chunk(local, [run(k) for k in range(locals_)])
@@ -462,8 +464,8 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
         c, f_send, g_x = lax.switch(e["branch"], branches, c, e, embedded, g_y)
         _, embed_vjp = jax.vjp(lambda fl: model.embed(fl, tokens_of(m_b)), flat)
         (g_embed,) = embed_vjp(jnp.where(tails, g_x[0], jnp.zeros_like(g_x[0])))
-        c["g_flat"] = jax.tree.map(lambda a, b, d: a + b.astype(a.dtype) + d.astype(a.dtype),
-                                   c["g_flat"], g_head, g_embed)
+        c["g_flat"] = model.placed(jax.tree.map(lambda a, b, d: a + b.astype(a.dtype) + d.astype(a.dtype),
+                                                c["g_flat"], g_head, g_embed))
         c["loss"] = c["loss"] + loss
         c["metrics"] = jax.tree.map(jnp.add, c["metrics"], aux[0])
         c["loads"] = jax.tree.map(jnp.add, c["loads"], aux[1])
