@@ -245,6 +245,13 @@ def _cond_or_zeros(pred: jax.Array, fn: Callable[[], Any]) -> Any:
     return lax.cond(pred, fn, lambda: _zeros(jax.eval_shape(fn)))
 
 
+def _add_rows(whole: jax.Array, rows: jax.Array, first: int) -> jax.Array:
+    """`whole` with `rows` added to its rows from `first` on, as an update of those rows in place (a scatter-add,
+    what `.at[...].add` lowers to, wrote a new buffer of the whole accumulator)."""
+    band = lax.slice_in_dim(whole, first, first + rows.shape[0]) + rows.astype(whole.dtype)
+    return lax.dynamic_update_slice_in_dim(whole, band, first, 0)
+
+
 def _read(buffers: Any, slot: jax.Array) -> Any:
     return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, slot, 0, keepdims=False), buffers)
 
@@ -403,8 +410,7 @@ def _ranks_program(model: _Model, tables: TickTables, microbatches: int, slabs: 
                 for st in model.stacks:
                     for n in st.params:
                         if st.width[k]:
-                            band = slice(st.offset[k], st.offset[k] + st.width[k])
-                            g_slabs[n] = g_slabs[n].at[band].add(g_rows[n].astype(g_slabs[n].dtype))
+                            g_slabs[n] = _add_rows(g_slabs[n], g_rows[n], st.offset[k])
                 return model.placed(g_slabs), model.placed(jax.tree.map(jnp.add, c["g_flat"], g_flat)), g_x
             return go
 

@@ -13,6 +13,7 @@ import pytest
 import dsv3c
 from dsv3c.dialects import dsv3
 from dsv3c.frontend.errors import SpecError
+from dsv3c.pipeline import run_pipeline
 from dsv3c.runtime.init import init_params
 from dsv3c.runtime.model import param_infos, run_model
 from dsv3c.runtime.train import make_loss_and_grads, split_params
@@ -100,3 +101,23 @@ def test_explicit_sharding_keeps_the_gathered_weights_gradients_in_bf16():
     with prog._on_mesh():
         grads = jax.eval_shape(jax.grad(loss), prog.abstract_params(), tokens)
     assert {name for name, g in grads.items() if g.dtype == jnp.bfloat16} == GEMM_WEIGHTS
+
+
+def test_fp8_gemms_leave_their_weights_gradients_in_bf16_too():
+    """Under `dsv3-fp8-quant` the weights' gradients come from the FP8 GEMMs' own backward (FP32 block sums): with
+    `grads compute` they leave it in bf16 (the FP8 step held f32 gradients for every quantised weight, 1.9x the BF16
+    step's temporaries on the 671B), and are the `grads f32` path's rounded to bf16."""
+    results = {}
+    for grads in ("grads compute", "grads f32"):
+        module = _module(grads)
+        run_pipeline(module, "dsv3-fp8-quant{block=16}")
+        params = init_params(param_infos(module), 0)
+        raw = jax.eval_shape(jax.grad(lambda p, m=module: run_model(m, p, TOKENS).loss), params)
+        results[grads] = ({n for n, g in raw.items() if g.dtype == jnp.bfloat16},
+                          jax.jit(make_loss_and_grads(module))(_state(module), TOKENS)[1])
+    assert results["grads compute"][0] == GEMM_WEIGHTS  # the head is not quantised: bf16 as without FP8
+    assert results["grads f32"][0] == set()
+    for name, g in results["grads compute"][1].items():
+        wide = np.asarray(results["grads f32"][1][name])
+        expected = wide.astype(ml_dtypes.bfloat16).astype(np.float32) if name in GEMM_WEIGHTS else wide
+        np.testing.assert_array_equal(np.asarray(g), expected, err_msg=name)

@@ -197,10 +197,10 @@ def _source(value: SSAValue, ctx: LoweringContext) -> jax.Array | None:
 def _fp8_matmul(op: quant.FP8MatmulOp, args, ctx: LoweringContext):
     xq, xs, wq, ws = (lax.stop_gradient(a) for a in args)
     x_src, w_src = _source(op.x, ctx), _source(op.w, ctx)
+    out_dtype = result_dtype(op.result)
     recipe = Recipe(
-        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), ctx.fp8_backend,
-        result_dtype(op.result),
-        None if x_src is None else x_src.dtype, None if w_src is None else w_src.dtype,
+        tiling(op.x_quant), tiling(op.w_quant), tiling(op.grad_quant), ctx.fp8_backend, out_dtype,
+        None if x_src is None else x_src.dtype, None if w_src is None else _weight_grad_dtype(w_src, out_dtype, ctx),
     )
     placeholder = jnp.zeros((), jnp.float32)  # stands for an operand that takes no gradient
     lead = xq.shape[:-1]
@@ -231,3 +231,10 @@ def fp8_expert_gemm(op: dsv3.ExpertsOp, ctx: LoweringContext) -> GroupedGemm:
         None, None,
     )
     return fp8_grouped_gemm(recipe)
+
+
+def _weight_grad_dtype(w: jax.Array, compute: np.dtype, ctx: LoweringContext) -> np.dtype:
+    """The dtype an FP8 GEMM returns its weight's gradient in: the compute dtype when the optimizer holds gradients
+    in it (`grads = "compute"`, as `runtime/lower/weights.py` does for the other GEMMs: the layer scans then stack
+    bf16 gradients, not f32 ones), else the weight's own."""
+    return np.dtype(compute) if ctx.grads_in_compute_dtype and jnp.issubdtype(compute, jnp.floating) else w.dtype

@@ -66,9 +66,10 @@ def _router(op: dsv3.RouterOp, args, ctx: LoweringContext):
 @register_lowering(dsv3.ExpertsOp)
 def _experts(op: dsv3.ExpertsOp, args, ctx: LoweringContext):
     gemm = fp8_expert_gemm(op, ctx) if op.quantized else kernel_impl(op, Kernel.RAGGED_DOT)
-    if ctx.grads_in_compute_dtype and not op.quantized:
+    if ctx.grads_in_compute_dtype:
         # cast before dispatch, so that the weights' gradients leave it in the compute dtype (on a mesh their sum
-        # over devices then runs in that dtype, as the dense layers' does); otherwise each GEMM casts its own
+        # over devices then runs in that dtype, as the dense layers' does); otherwise each GEMM casts its own. The
+        # FP8 GEMMs quantise what they are given, the compute-dtype weights either way
         dtype = args[0].dtype
         args = [*args[:3], *(cast_weight(op.operands[i], args[i], dtype, ctx) for i in range(3, 6))]
     mesh = ctx.mesh
