@@ -238,14 +238,15 @@ def estimate(
         dims = resolve(p.axes, p.shape, mesh, DEFAULT_RULES)
         split = math.prod(mesh[a] for d in dims for a in d)
         local = p.size / split
-        grad = local * (model.compute_itemsize if model.grads_in_compute and p.is_gemm_weight else p.itemsize)
+        grad_itemsize = model.compute_itemsize if model.grads_in_compute and p.is_gemm_weight else p.itemsize
+        grad = local * grad_itemsize
         if stages is not None:
-            # a rank's rows of a stacked parameter; the gradient is an f32 accumulator over micro-batches beside
-            # the weight gradients of the widest chunk's band
+            # a rank's rows of a stacked parameter; the gradient is an accumulator over micro-batches in the
+            # parameter's dtype beside the weight gradients of the widest chunk's band
             if p.name in stages.rows:
-                count = model.stacked[p.name][1]
-                grad = local / count * (stages.rows[p.name] * p.itemsize + stages.band[p.name] * grad / local)
-                local = local / count * stages.rows[p.name]
+                per_row = local / model.stacked[p.name][1]
+                grad = per_row * (stages.rows[p.name] * p.itemsize + stages.band[p.name] * grad_itemsize)
+                local = per_row * stages.rows[p.name]
             else:
                 grad = local * p.itemsize
         params += round(local * p.itemsize)

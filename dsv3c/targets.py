@@ -7,6 +7,7 @@ options. `dsv3c.compile` reads as a straight line over it: frontend -> `target.p
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -274,8 +275,7 @@ class GpuTarget(Target):
         attention runs blockwise (online softmax, no S x S scores either), and the dump says so."""
         chosen = super().kernels_pass(fp8, devices)
         if not self.local and not _local_gpu():
-            return KernelsPass(attention=Kernel.BLOCKWISE.value, experts=chosen.experts, fp8=chosen.fp8,
-                               keep=chosen.keep)
+            return dataclasses.replace(chosen, attention=Kernel.BLOCKWISE.value)
         return chosen
 
     @classmethod
