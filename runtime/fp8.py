@@ -144,9 +144,13 @@ def _kernel_tiles(ta: Tiling, tb: Tiling) -> bool:
     return (ta.rows, ta.cols, tb.rows) == (1, 128, 128) and tb.cols in (128, 1)
 
 
-def _on_platform(kernel, *args, **options) -> jax.Array:
-    """A Pallas kernel call: the Triton kernel where the program is lowered for CUDA, Pallas's interpreter on
-    other platforms (the same arithmetic, in XLA ops)."""
+def _on_platform(name: str, *args, **options) -> jax.Array:
+    """A call of the Pallas kernel `name` of `runtime/kernels/fp8_gemm.py`: the Triton kernel where the program is
+    lowered for CUDA, Pallas's interpreter on other platforms (the same arithmetic, in XLA ops). Imported here, not
+    at the top: the kernels module uses this one."""
+    from .kernels import fp8_gemm
+
+    kernel = getattr(fp8_gemm, name)
     return lax.platform_dependent(
         *args,
         cuda=lambda *a: kernel(*a, **options),
@@ -174,9 +178,7 @@ def blocked_matmul(
     if ta.per_tensor:
         return _scaled_dot("mk,kn->mn", a, b, a_scales[0, 0] * b_scales[0, 0], backend)
     if backend == "pallas" and _kernel_tiles(ta, tb):
-        from .kernels import fp8_gemm
-
-        return _on_platform(fp8_gemm.block_scaled_matmul, a, a_scales, b, b_scales, out_dtype=jnp.float32,
+        return _on_platform("block_scaled_matmul", a, a_scales, b, b_scales, out_dtype=jnp.float32,
                             b_block_n=tb.cols)
     kb = ta.cols or k
     if (tb.rows or k) != kb or ta.rows not in (1, 0):
@@ -244,9 +246,7 @@ def blocked_ragged_matmul(
     if ta.per_tensor:
         return _scaled_ragged(a, b, group_sizes, (a_scales[0, 0] * b_scales[group, 0, 0])[:, None], backend)
     if backend == "pallas" and _kernel_tiles(ta, tb):
-        from .kernels import fp8_gemm
-
-        return _on_platform(fp8_gemm.block_scaled_grouped_matmul, a, a_scales, b, b_scales, group_sizes,
+        return _on_platform("block_scaled_grouped_matmul", a, a_scales, b, b_scales, group_sizes,
                             out_dtype=jnp.float32, b_block_n=tb.cols)
     kb = ta.cols or k
     blocks = math.ceil(k / kb)
@@ -312,9 +312,7 @@ def grouped_weight_grad(
     gq, gs = quantize(g_pad, tg)  # [total, N], scales [tiles, N]
     tiles = total // tile
     if backend == "pallas" and (tx.rows, tx.cols, tg.rows, tg.cols) == (128, 1, 128, 1):
-        from .kernels import fp8_gemm
-
-        return _on_platform(fp8_gemm.block_scaled_grouped_weight_grad, xq, xs, gq, gs, group_sizes,
+        return _on_platform("block_scaled_grouped_weight_grad", xq, xs, gq, gs, group_sizes,
                             out_dtype=jnp.float32)
 
     def body(i, acc):
