@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dsv3c.runtime.kernels.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, blockwise_attention
+from dsv3c.runtime.kernels.blockwise_attention import blockwise_attention, default_blocks
 from dsv3c.runtime.lower.attention import mla_attention
 
 MIB = 2.0**20
@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--rope", type=int, default=32)
     parser.add_argument("--v-dim", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per program (at most 2 above seq 4096)")
-    parser.add_argument("--block-q", type=int, default=DEFAULT_BLOCK_Q)
-    parser.add_argument("--block-k", type=int, default=DEFAULT_BLOCK_K)
+    parser.add_argument("--block-q", type=int, help="query rows per tile (default: default_blocks(seq))")
+    parser.add_argument("--block-k", type=int, help="keys per tile (default: default_blocks(seq))")
     parser.add_argument("--max-temp-gib", type=float, default=8.0, help="run no program with more temporaries")
     parser.add_argument("--forms", nargs="+", default=["plain", "blockwise"], choices=["plain", "blockwise"])
     args = parser.parse_args()
@@ -90,8 +90,10 @@ def main() -> None:
         "blockwise": lambda *ops: blockwise_attention(*ops, scale, block_q=args.block_q, block_k=args.block_k),
     }
     forms = {name: forms[name] for name in args.forms}
+    tiles = ", ".join(f"{args.block_q or q} x {args.block_k or k} at {s}"
+                      for s in args.seqs for q, k in [default_blocks(s)])
     print(f"causal MLA attention, XLA:CPU ({jax.devices()[0].device_kind}), float32, batch 1, H={args.heads}, "
-          f"nope {args.nope}, rope {args.rope}, v {args.v_dim}, blockwise tiles {args.block_q} x {args.block_k}; "
+          f"nope {args.nope}, rope {args.rope}, v {args.v_dim}, blockwise tiles {tiles}; "
           f"median ms of {args.runs} runs ({min(args.runs, 2)} above seq 4096) after a warm-up; load average "
           f"{os.getloadavg()[1]:.1f} on {os.cpu_count()} CPUs")
     header = " | ".join(f"{name} ms | {name} temp MiB" for name in forms)

@@ -203,14 +203,15 @@ def dsv3c_forward(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], tokens: n
 
 def train_state(prog: dsv3c.Program, params: dict[str, jax.Array]) -> dict[str, Any]:
     """A fresh training state (AdamW moments zero, step 0) holding the imported weights instead of a random init,
-    so both sides train the same model."""
+    so both sides train the same model. The weights are copied: the step donates its state, which would otherwise
+    delete the caller's arrays (the decode rows use them after the train rows)."""
     state = prog.init_state(0)
     for group in ("params", "router_bias"):
         fresh = state[group]
         missing = set(fresh) - set(params)
         if missing:
             raise RuntimeError(f"imported weights lack {sorted(missing)}")
-        state[group] = {k: jnp.asarray(params[k], v.dtype).reshape(v.shape) for k, v in fresh.items()}
+        state[group] = {k: jnp.array(params[k], v.dtype, copy=True).reshape(v.shape) for k, v in fresh.items()}
     return state
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3c.runtime.kernels.blockwise_attention import blockwise_attention
+from dsv3c.runtime.kernels.blockwise_attention import blockwise_attention, default_blocks
 from dsv3c.runtime.lower.attention import mla_attention
 
 HEADS, NOPE, ROPE, V_DIM = 3, 8, 4, 6
@@ -33,7 +33,7 @@ def _inputs(batch: int, s: int, t: int, dtype) -> tuple[tuple[jax.Array, ...], j
 
 
 @partial(jax.jit, static_argnames=("block_q", "block_k"))
-def _both(operands, cotangent, *, block_q: int, block_k: int):
+def _both(operands, cotangent, *, block_q: int | None, block_k: int | None):
     """Output and input cotangents of the plain and the blockwise form, in one compiled program."""
 
     def outputs_and_grads(attention):
@@ -50,9 +50,10 @@ def _both(operands, cotangent, *, block_q: int, block_k: int):
     [
         (2, 32, 48, 8, 16),  # divisible, T > S (a cached prefix); wide key tiles
         (1, 37, 45, 16, 8),  # neither divisible, T > S; tall query tiles
+        (1, 256, 256, None, None),  # the default tiles: four query blocks of 64 rows, key blocks of 64
     ],
 )
-def test_float32_matches_plain(batch: int, s: int, t: int, block_q: int, block_k: int) -> None:
+def test_float32_matches_plain(batch: int, s: int, t: int, block_q: int | None, block_k: int | None) -> None:
     operands, cotangent = _inputs(batch, s, t, jnp.float32)
     plain, blockwise = _both(operands, cotangent, block_q=block_q, block_k=block_k)
     for name, want, got in zip(NAMES, plain, blockwise, strict=True):
@@ -72,6 +73,12 @@ def test_bfloat16_matches_plain() -> None:
         assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
         want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
         np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max(), err_msg=name)
+
+
+def test_default_tiles_give_short_sequences_about_four_query_blocks() -> None:
+    """Short sequences get small tiles (so the causal skip has tiles to skip), long ones 256 x 128."""
+    assert [default_blocks(s) for s in (16, 256, 512, 1024, 8192)] == [(64, 64), (64, 64), (128, 64), (256, 128),
+                                                                        (256, 128)]
 
 
 def test_rejects_fewer_keys_than_queries() -> None:

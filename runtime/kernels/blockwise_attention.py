@@ -29,11 +29,22 @@ from jax import lax
 
 F32 = jnp.float32
 
-# Chosen on a 2-core AMD EPYC (XLA:CPU, H=16, n=64, r=32, dv=64, float32, S=2048; CPU time, a shared host): every
-# tile from 128 x 64 to 256 x 256 was within the run-to-run noise, 512 x 512 and larger were 20-60% slower (a tile of
-# [H, 512, 512] float32 scores is 16 MiB, far past the caches). 256 x 128 is in the flat region with few loop trips.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 128
+MIN_BLOCK = 64
+
+
+def default_blocks(s: int) -> tuple[int, int]:
+    """(block_q, block_k) for `s` queries: about four query blocks, between 64 and 256 rows, and key blocks half as
+    wide (at least 64). Short sequences need small tiles for the causal skip to pay: at S = 256 one 256-row query
+    block sees every key tile, so nothing is skipped. Long ones want few loop trips. Measured on a 2-core AMD EPYC
+    (XLA:CPU, float32, n=64, r=32, dv=64, forward + backward, `benchmarks/attention_cpu.py`): at S = 256 (32 heads)
+    64 x 64 tiles took 50-61 ms against 86-107 ms for 256 x 128; at S = 512 64 x 64, 128 x 128 and 256 x 128 were
+    within 10% (233 / 246 / 256 ms); at S = 1024 and 2048 (16 heads) 256 x 128 was the fastest or level (321 and
+    1,091 ms, 64 x 64: 332 and 1,179). Tiles of 512 x 512 and above were 20-60% slower at S = 2048 (a [H, 512, 512]
+    float32 tile is 16 MiB, far past the caches)."""
+    block_q = min(DEFAULT_BLOCK_Q, max(MIN_BLOCK, s // 4))
+    return block_q, min(DEFAULT_BLOCK_K, max(MIN_BLOCK, block_q // 2))
 
 
 @dataclass(frozen=True)
@@ -198,14 +209,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blockwise_attention(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k_pe: jax.Array, v: jax.Array,
-                        scale: float, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+                        scale: float, *, block_q: int | None = None, block_k: int | None = None) -> jax.Array:
     """Causal MLA attention, the semantics of `mla_attention`, computed tile by tile.
 
     q_nope [B, S, H, n], q_pe [B, S, H, r], k_nope [B, T, H, n], k_pe [B, T, r] (one rope key for all heads),
     v [B, T, H, dv] -> [B, S, H, dv] in v's dtype. Query s sees keys t <= s + (T - S); T >= S is required, since
     otherwise the first rows see no key and their softmax is undefined. Scores and softmax statistics are float32.
     Blocks larger than the sequence shrink to it; sequences that are not a multiple of the block are padded and
-    masked.
+    masked. Blocks not given are `default_blocks(S)`.
     """
     b, s, h, n = q_nope.shape
     t = k_nope.shape[1]
@@ -216,6 +227,8 @@ def blockwise_attention(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k
         raise ValueError(f"inconsistent shapes: q_pe {q_pe.shape}, k_pe {k_pe.shape}, v {v.shape}")
     if t < s:
         raise ValueError(f"keys ({t}) must cover the queries ({s}): the first {s - t} rows would see no key")
+    default_q, default_k = default_blocks(s)
+    block_q, block_k = block_q or default_q, block_k or default_k
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive, got {block_q} x {block_k}")
     return _attention(q_nope, q_pe, k_nope, k_pe, v, float(scale), _Tiling(s, t, min(block_q, s), min(block_k, t)))
