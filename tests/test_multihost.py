@@ -41,8 +41,11 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI's --devices sets the device count
-    env["JAX_PLATFORMS"] = "cpu"
+    """The suite's environment without its eight simulated devices (the CLI's --devices sets the count), keeping
+    its LLVM level (tests/conftest.py)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 

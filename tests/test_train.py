@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -215,16 +216,18 @@ def _mean_balance(history, steps: slice) -> float:
     return float(np.mean([load_balance(load) for load in history.expert_loads[steps]]))
 
 
-def test_bias_update_balances_expert_load(tiny_history):
-    """The same run with the bias update off (`bias_rate 0.0`, everything else equal) is less balanced over steps
-    71-100 (measured: 1.19 on, 1.36 off)."""
-    text = TINY.replace("bias_rate 0.01,", "bias_rate 0.0,")
-    assert text != TINY
-    prog = dsv3c.compile(dsv3c.parse(text), batch=16, seq=64, steps=200)
-    off = train(prog, 100, SyntheticStream(256, 0))
-    balances = {"0.01": _mean_balance(tiny_history, slice(70, 100)), "0.0": _mean_balance(off, slice(70, 100))}
+def test_bias_update_balances_expert_load(tiny_prog, tiny_history):
+    """The same run with the router biases held at zero (the bias update off, everything else equal: the same
+    program, state and batches) is less balanced over steps 71-100 (measured: 1.19 on, 1.36 off)."""
+    state, stream, loads = tiny_prog.init_state(0), SyntheticStream(256, seed=0), []
+    for step in range(100):
+        state["router_bias"] = jax.tree.map(jnp.zeros_like, state["router_bias"])
+        state, metrics = tiny_prog.train_step(state, {"tokens": stream.batch(step, 16, 65)})
+        loads.append(np.asarray(metrics["expert_load"]))
+    off = float(np.mean([load_balance(load) for load in loads[70:100]]))
+    balances = {"on": _mean_balance(tiny_history, slice(70, 100)), "off": off}
     print("max/mean expert load, bias update on / off:", balances)
-    assert balances["0.01"] < balances["0.0"] - 0.05, balances
+    assert balances["on"] < balances["off"] - 0.05, balances
 
 
 def test_bias_update_rule_moves_towards_mean_load(tiny_prog):
