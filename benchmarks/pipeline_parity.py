@@ -47,6 +47,12 @@ def spec_for(ranks: int, lr: str = "1e-2") -> dsv3c.ModelSpec:
     return dsv3c.parse(text)
 
 
+def parse_case(case: str) -> tuple[dict[str, int], int, int]:
+    """A case's mesh, its pipe ranks, and its batch: four sequences per rank and per data-parallel way."""
+    mesh = {k: int(v) for k, v in (item.split("=") for item in case.split(","))}
+    return mesh, mesh["pipe"], 4 * mesh["pipe"] * max(mesh.get("fsdp", 1), mesh.get("expert", 1))
+
+
 def losses(prog: dsv3c.Program, steps: int, batch: int) -> np.ndarray:
     """The loss of each of `steps` training steps from seed 0's state over the same synthetic batches."""
     stream, state, curve = SyntheticStream(256, seed=2), prog.init_state(0), []
@@ -61,8 +67,7 @@ def train(args: argparse.Namespace) -> None:
     print(f"{'schedule':12} {'mesh':16} {'steps':>5} {'max rel loss diff':>17} {'first loss':>10} {'last loss':>9}")
     worst = 0.0
     for case in args.cases.split(";"):
-        mesh = {k: int(v) for k, v in (item.split("=") for item in case.split(","))}
-        ranks, batch = mesh["pipe"], 4 * mesh["pipe"] * max(mesh.get("fsdp", 1), mesh.get("expert", 1))
+        mesh, ranks, batch = parse_case(case)
         spec = spec_for(ranks, lr="1e-3")
         plain = losses(dsv3c.prepare(spec, batch=batch, seq=TRAIN_SEQ, steps=args.train), args.train, batch)
         for schedule in args.schedules.split(","):
@@ -89,8 +94,7 @@ def main() -> None:
     worst = 0.0
     print(f"{'schedule':12} {'mesh':16} {'grad err':>9} {'loss diff':>9} {'ticks':>5} {'bubble':>6} {'compile s':>9}")
     for case in args.cases.split(";"):
-        mesh = {k: int(v) for k, v in (item.split("=") for item in case.split(","))}
-        ranks, batch = mesh["pipe"], 4 * mesh["pipe"] * max(mesh.get("fsdp", 1), mesh.get("expert", 1))
+        mesh, ranks, batch = parse_case(case)
         if ranks not in references:
             plain = dsv3c.prepare(spec_for(ranks), batch=batch, seq=SEQ)
             state = plain.init_state(0)

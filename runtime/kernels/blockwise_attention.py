@@ -228,7 +228,8 @@ def blockwise_attention(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k
     if t < s:
         raise ValueError(f"keys ({t}) must cover the queries ({s}): the first {s - t} rows would see no key")
     default_q, default_k = default_blocks(s)
-    block_q, block_k = block_q or default_q, block_k or default_k
+    block_q = default_q if block_q is None else block_q
+    block_k = default_k if block_k is None else block_k
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive, got {block_q} x {block_k}")
     return _attention(q_nope, q_pe, k_nope, k_pe, v, float(scale), _Tiling(s, t, min(block_q, s), min(block_k, t)))
