@@ -90,8 +90,8 @@ def main() -> None:
         "blockwise": lambda *ops: blockwise_attention(*ops, scale, block_q=args.block_q, block_k=args.block_k),
     }
     forms = {name: forms[name] for name in args.forms}
-    tiles = ", ".join(f"{args.block_q or q} x {args.block_k or k} at {s}"
-                      for s in args.seqs for q, k in [default_blocks(s)])
+    tiles = ", ".join(f"{q if args.block_q is None else args.block_q} x {k if args.block_k is None else args.block_k}"
+                      f" at {s}" for s in args.seqs for q, k in [default_blocks(s)])
     print(f"causal MLA attention, XLA:CPU ({jax.devices()[0].device_kind}), float32, batch 1, H={args.heads}, "
           f"nope {args.nope}, rope {args.rope}, v {args.v_dim}, blockwise tiles {tiles}; "
           f"median ms of {args.runs} runs ({min(args.runs, 2)} above seq 4096) after a warm-up; load average "

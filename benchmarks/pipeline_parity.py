@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import dsv3c  # noqa: E402
 from dsv3c.runtime.data import SyntheticStream  # noqa: E402
+from dsv3c.runtime.loop import train as train_loop  # noqa: E402
 from dsv3c.runtime.pipeline_ticks import build_tables  # noqa: E402
 from dsv3c.runtime.stages import stage_layout  # noqa: E402
 
@@ -53,13 +54,9 @@ def parse_case(case: str) -> tuple[dict[str, int], int, int]:
     return mesh, mesh["pipe"], 4 * mesh["pipe"] * max(mesh.get("fsdp", 1), mesh.get("expert", 1))
 
 
-def losses(prog: dsv3c.Program, steps: int, batch: int) -> np.ndarray:
+def losses(prog: dsv3c.Program, steps: int) -> np.ndarray:
     """The loss of each of `steps` training steps from seed 0's state over the same synthetic batches."""
-    stream, state, curve = SyntheticStream(256, seed=2), prog.init_state(0), []
-    for step in range(steps):
-        state, metrics = prog.train_step(state, {"tokens": stream.batch(step, batch, TRAIN_SEQ + 1)})
-        curve.append(float(metrics["loss"]))
-    return np.array(curve)
+    return np.array(train_loop(prog, steps, SyntheticStream(256, seed=2)).losses())
 
 
 def train(args: argparse.Namespace) -> None:
@@ -69,12 +66,12 @@ def train(args: argparse.Namespace) -> None:
     for case in args.cases.split(";"):
         mesh, ranks, batch = parse_case(case)
         spec = spec_for(ranks, lr="1e-3")
-        plain = losses(dsv3c.prepare(spec, batch=batch, seq=TRAIN_SEQ, steps=args.train), args.train, batch)
+        plain = losses(dsv3c.prepare(spec, batch=batch, seq=TRAIN_SEQ, steps=args.train), args.train)
         for schedule in args.schedules.split(","):
             cut = f"ranks={ranks} schedule={schedule} microbatches={2 * ranks} seq={TRAIN_SEQ}"
             prog = dsv3c.prepare(spec, batch=batch, seq=TRAIN_SEQ, steps=args.train, mesh=mesh,
                                  pipeline=f"dsv3-remat,dsv3-pipeline{{{cut}}}", devices=int(np.prod([*mesh.values()])))
-            piped = losses(prog, args.train, batch)
+            piped = losses(prog, args.train)
             diff = float(np.max(np.abs(piped - plain) / np.abs(plain)))
             worst = max(worst, diff)
             print(f"{schedule:12} {case:16} {args.train:5d} {diff:17.2e} {piped[0]:10.4f} {piped[-1]:9.4f}", flush=True)
