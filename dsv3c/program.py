@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,19 @@ class Program:
         self.mesh = build_mesh(module, devices) or (None if target.local else Mesh(np.array(devices[:1]), ("data",)))
         self._optimizer = make_optimizer(module, self.infos, steps)
         step = make_train_step(module, self._optimizer, self.mesh, self.explicit)
+        # The target's XLA options and the IR's (`dsv3.schedule`) for every program, jitted or compiled ahead of time:
+        # a program run through `prepare` is compiled as `compile` would compile it.
+        self.xla_options = {**target.xla_options, **compiler_options(module)}
+        if self.stages is not None and target.platform == "gpu":
+            # XLA:GPU's Triton GEMMs fail ahead of time on small dots in a pipelined chunk's transposed scan
+            # ("Couldn't find output tile sizes"); cuBLAS runs them
+            self.xla_options["xla_gpu_enable_triton_gemm"] = False
+        jit = partial(jax.jit, compiler_options=self.xla_options or None)
         if self.mesh is None:
-            self._init_params = jax.jit(lambda seed: init_params(self.infos, seed))
-            self._init_state = jax.jit(self._state_from_seed)
-            self._train_step = jax.jit(step, donate_argnums=0)
-            self._forward = jax.jit(self._logits)
+            self._init_params = jit(lambda seed: init_params(self.infos, seed))
+            self._init_state = jit(self._state_from_seed)
+            self._train_step = jit(step, donate_argnums=0)
+            self._forward = jit(self._logits)
         else:
             params = param_shardings(module, self.mesh)
             staged = params if self.stages is None else {
@@ -168,17 +177,17 @@ class Program:
             self.state_shardings = state  # where each leaf of a training state lives (to place restored values)
             tokens = batch_sharding(self.mesh, batch)
             self._param_shardings, self._token_sharding = params, tokens
-            self._init_params = jax.jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
-            self._init_state = jax.jit(self._state_from_seed, out_shardings=state)
+            self._init_params = jit(lambda seed: init_params(self.infos, seed), out_shardings=params)
+            self._init_state = jit(self._state_from_seed, out_shardings=state)
             placed = state
             if target.xla_lays_out_state and not target.local:
                 placed = jax.tree.map(lambda sharding: Format(Layout.AUTO, sharding), state)
-            self._train_step = jax.jit(
+            self._train_step = jit(
                 step, in_shardings=(placed, {"tokens": tokens}), out_shardings=(placed, None), donate_argnums=0
             )
-            self._forward = jax.jit(self._logits, in_shardings=(params, tokens))
-        self._loss_and_grads = jax.jit(make_loss_and_grads(module, self.mesh, self.explicit))
-        self._eval_step = jax.jit(make_eval_step(module, self.mesh, self.explicit))
+            self._forward = jit(self._logits, in_shardings=(params, tokens))
+        self._loss_and_grads = jit(make_loss_and_grads(module, self.mesh, self.explicit))
+        self._eval_step = jit(make_eval_step(module, self.mesh, self.explicit))
         decay = optimizer_op(module).opt_float_prop("ema_decay") if mode == "train" else None
         self.ema: EMA | None = None  # the parameters' moving average, when the IR's optimizer asks for one
         if decay is not None and target.local:
@@ -480,11 +489,7 @@ def compile(
 
     clock = time.perf_counter()
     try:
-        options = {**tgt.xla_options, **compiler_options(module)}
-        if prog.stages is not None and tgt.platform == "gpu":
-            # XLA:GPU's Triton GEMMs fail ahead of time on small dots in a pipelined chunk's transposed scan
-            # ("Couldn't find output tile sizes"); cuBLAS runs them
-            options["xla_gpu_enable_triton_gemm"] = False
+        options = prog.xla_options
         breakdown = mode == "train" and (not tgt.local if memory_breakdown is None else memory_breakdown)
         compiled, prog.compiled_text, buffers = compile_with_buffers(lowered, options, tgt.platform, breakdown)
     except OutOfDeviceMemory as err:

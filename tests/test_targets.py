@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import dsv3c
-from dsv3c.targets import _tpu_shape, resolve_target
+from dsv3c.targets import CpuTarget, _tpu_shape, resolve_target
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = dsv3c.load(EXAMPLES / "tiny.dsv3")
@@ -87,3 +89,14 @@ def test_without_the_overlap_pass_all_to_alls_stay_synchronous():
     assert "dsv3-overlap" not in prog.report["pipeline"]
     assert "all-to-all" not in prog.report["async_overlap"]
     assert prog.report["collectives"]["all-to-all"]["count"] >= 3
+
+
+def test_prepared_programs_compile_with_the_targets_xla_options(monkeypatch, tmp_path):
+    """`prepare` jits the programs that `compile` compiles ahead of time; both take the target's XLA options (and
+    the IR's `dsv3.schedule` ones). Seen through an option with an effect outside the program: XLA dumps the
+    optimized forward where the target's options tell it to."""
+    monkeypatch.setattr(CpuTarget, "xla_options", {"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+    prog = dsv3c.prepare(TINY, mode="forward", batch=1, seq=8)
+    assert prog.xla_options == CpuTarget.xla_options
+    prog._forward.lower(prog.abstract_params(), jax.ShapeDtypeStruct((1, 8), jnp.int32)).compile()
+    assert list(tmp_path.glob("*jit__logits*after_optimizations.txt"))
