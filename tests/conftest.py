@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # LLVM at -O1 instead of XLA:CPU's default -O2: the suite's programs are tiny and compiling them is most of its time.
 # Measured on `tiny`'s train step: compile 34 -> 24 s, a step 85 -> 116 ms. (-O0 halves the compile but stops
@@ -38,3 +40,16 @@ LONGEST_FIRST = ("test_pipeline_lowering.py", "test_train.py", "test_multihost.p
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
+@pytest.fixture(scope="module")
+def unoptimized_cpu_code():
+    """LLVM at -O0 for the CPU programs built while it is active (through the target's XLA options, which every
+    program's jits take). For modules that compile programs of the whole model and run them for a step or two, where
+    code generation is a quarter of the time: the DualPipeV test's compile measured 126 s against 168 at -O1.
+    Not for tests that check arithmetic bit for bit: -O0 does not contract multiply-adds into FMAs."""
+    from dsv3c.targets import CpuTarget
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CpuTarget, "xla_options", {**CpuTarget.xla_options, "xla_backend_optimization_level": 0})
+        yield

@@ -9,6 +9,8 @@ import pytest
 
 from dsv3c.cli import main
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

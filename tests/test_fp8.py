@@ -34,6 +34,8 @@ from dsv3c.runtime.data import SyntheticStream
 from dsv3c.runtime.fp8_weights import from_hf_block_fp8, store_fp8
 from dsv3c.runtime.loop import train
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 NP_FP8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 IR_FP8 = {"e4m3": "f8E4M3FN", "e5m2": "f8E5M2"}
 FMAX = {"e4m3": 448.0, "e5m2": 57344.0}

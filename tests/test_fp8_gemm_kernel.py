@@ -40,6 +40,14 @@ from dsv3c.runtime.lower.fp8 import Recipe
 
 U = 2.0**-24
 
+# The references, jitted: run eagerly, each of their jnp operations is compiled on its own (700 compiles, most of
+# this file's time). Under jit they compute what the model's own jitted steps compute.
+quantize = jax.jit(fp8.quantize, static_argnums=1)
+dequantize = jax.jit(fp8.dequantize, static_argnums=2)
+blocked_matmul = jax.jit(fp8.blocked_matmul, static_argnums=(2, 5, 6))
+blocked_ragged_matmul = jax.jit(fp8.blocked_ragged_matmul, static_argnums=(2, 5, 7))
+grouped_weight_grad = jax.jit(fp8.grouped_weight_grad, static_argnums=(3, 4, 5, 6))
+
 
 def _recipe(pow2: bool, grad_fmt: str = "e4m3") -> Recipe:
     """DeepSeek-V3's recipe: activations per 1 x 128, weights per 128 x 128, gradients per 1 x 128."""
@@ -58,8 +66,8 @@ def _normal(seed: int, *shape: int) -> jax.Array:
 
 def _abs_product(a, a_scales, ta, b, b_scales, tb) -> np.ndarray:
     """S = |dequantised a| @ |dequantised b| in float64: the scale of every rounding error of the GEMM."""
-    a_d = np.abs(np.asarray(fp8.dequantize(a, a_scales, ta), np.float64))
-    b_d = np.abs(np.asarray(fp8.dequantize(b, b_scales, tb), np.float64))
+    a_d = np.abs(np.asarray(dequantize(a, a_scales, ta), np.float64))
+    b_d = np.abs(np.asarray(dequantize(b, b_scales, tb), np.float64))
     return a_d @ b_d
 
 
@@ -82,7 +90,7 @@ def _fma_reference(a, a_scales, ta, b, b_scales, tb) -> np.ndarray:
     for j in range(blocks):
         sl = slice(j * BLOCK_K, (j + 1) * BLOCK_K)
         ones_a, ones_b = jnp.ones((m, 1), jnp.float32), jnp.ones((1, b_scales.shape[1]), jnp.float32)
-        partial = fp8.blocked_matmul(a[:, sl], ones_a, ta, b[sl], ones_b, tb, "native")  # unit scales: exact
+        partial = blocked_matmul(a[:, sl], ones_a, ta, b[sl], ones_b, tb, "native")  # unit scales: exact
         scale = np.asarray(a_scales)[:, j, None] * b_cols[j][None, :]
         acc = (acc.astype(np.float64) + np.asarray(partial, np.float64) * scale.astype(np.float64)).astype(np.float32)
     return acc
@@ -104,7 +112,7 @@ def _bitwise(a, a_scales, ta, b, b_scales, tb, backend: str | None) -> np.ndarra
     b, b_scales = _whole_columns(b, b_scales, tb)
     if backend is None:
         return _fma_reference(a, a_scales, ta, b, b_scales, tb)[:, :n]
-    return np.asarray(fp8.blocked_matmul(a, a_scales, ta, b, b_scales, tb, backend))[:, :n]
+    return np.asarray(blocked_matmul(a, a_scales, ta, b, b_scales, tb, backend))[:, :n]
 
 
 def _check_all(ours, a, a_scales, ta, b, b_scales, tb, *, pow2: bool) -> dict[str, float]:
@@ -113,7 +121,7 @@ def _check_all(ours, a, a_scales, ta, b, b_scales, tb, *, pow2: bool) -> dict[st
     s = _abs_product(a, a_scales, ta, b, b_scales, tb)
     errors = {}
     for backend in fp8.BACKENDS:
-        ref = fp8.blocked_matmul(a, a_scales, ta, b, b_scales, tb, backend)
+        ref = blocked_matmul(a, a_scales, ta, b, b_scales, tb, backend)
         errors[backend] = _error_in_units(ours, ref, s)
     bound = BLOCK_K + 2 * blocks + 2
     assert errors["exact"] <= bound, errors
@@ -141,8 +149,8 @@ SHAPES = {  # M, K, N: whole tiles; M not a multiple of block_m; nothing a multi
 def _forward_operands(shape: str, pow2: bool):
     m, k, n = SHAPES[shape]
     r = _recipe(pow2)
-    xq, xs = fp8.quantize(_normal(0, m, k), r.x)
-    wq, ws = fp8.quantize(_normal(1, k, n), r.w)
+    xq, xs = quantize(_normal(0, m, k), r.x)
+    wq, ws = quantize(_normal(1, k, n), r.w)
     return r, xq, xs, wq, ws
 
 
@@ -180,7 +188,7 @@ def test_input_gradient_equals_linear_bwd(shape, pow2):
     reads W [K, N] in place (`b_transposed`) instead of a transposed copy."""
     r, _, _, wq, ws = _forward_operands(shape, pow2)
     t_dy, t_wt, _, _ = r.backward_tilings()
-    gq, gs = fp8.quantize(_normal(2, SHAPES[shape][0], wq.shape[1]), t_dy)
+    gq, gs = quantize(_normal(2, SHAPES[shape][0], wq.shape[1]), t_dy)
     ours = block_scaled_matmul_dx(gq, gs, wq, ws, out_dtype=jnp.float32, block_m=64, interpret=True)
     assert ours.shape == (gq.shape[0], wq.shape[0])
     _check_all(ours, gq, gs, t_dy, wq.T, ws.T, t_wt, pow2=pow2)
@@ -193,8 +201,8 @@ def test_weight_gradient_equals_linear_bwd(shape, pow2):
     (one scale per column and token block: `b_block_n=1`); the token count is the contraction (130: padded)."""
     r, xq, xs, _, _ = _forward_operands(shape, pow2)
     _, _, t_xt, t_dy2 = r.backward_tilings()
-    xtq, xts = fp8.quantize(fp8.dequantize(xq, xs, r.x).T, t_xt)
-    gq2, gs2 = fp8.quantize(_normal(3, xq.shape[0], SHAPES[shape][2]), t_dy2)
+    xtq, xts = quantize(dequantize(xq, xs, r.x).T, t_xt)
+    gq2, gs2 = quantize(_normal(3, xq.shape[0], SHAPES[shape][2]), t_dy2)
     ours = block_scaled_matmul_dw(xtq, xts, gq2, gs2, block_m=64, interpret=True)
     assert ours.shape == (xq.shape[1], gq2.shape[1]) and ours.dtype == jnp.float32
     _check_all(ours, xtq, xts, t_xt, gq2, gs2, t_dy2, pow2=pow2)
@@ -206,13 +214,13 @@ def test_e5m2_gradient_against_e4m3_weights_is_widened_exactly():
     r = _recipe(True, grad_fmt="e5m2")
     _, _, _, wq, ws = _forward_operands("pad-all", True)
     t_dy, t_wt, _, _ = r.backward_tilings()
-    gq, gs = fp8.quantize(_normal(4, 130, wq.shape[1]), t_dy)
+    gq, gs = quantize(_normal(4, 130, wq.shape[1]), t_dy)
     assert gq.dtype == jnp.float8_e5m2
     ours = block_scaled_matmul_dx(gq, gs, wq, ws, out_dtype=jnp.float32, interpret=True)
     s = _abs_product(gq, gs, t_dy, wq.T, ws.T, t_wt)
-    ref = fp8.blocked_matmul(gq, gs, t_dy, wq.T, ws.T, t_wt, "exact")
+    ref = blocked_matmul(gq, gs, t_dy, wq.T, ws.T, t_wt, "exact")
     assert _error_in_units(ours, ref, s) <= BLOCK_K + 2 * 3 + 2
-    np.testing.assert_array_equal(ours, fp8.blocked_matmul(gq, gs, t_dy, wq.T, ws.T, t_wt, "emulate"))
+    np.testing.assert_array_equal(ours, blocked_matmul(gq, gs, t_dy, wq.T, ws.T, t_wt, "emulate"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,9 +239,9 @@ GROUP_SIZES = {
 @functools.cache
 def _grouped_operands(pow2: bool):
     r = _recipe(pow2)
-    rq, rs = fp8.quantize(_normal(5, ROWS, GK), r.x)
+    rq, rs = quantize(_normal(5, ROWS, GK), r.x)
     w = _normal(6, len(GROUP_SIZES["all-rows"]), GK, GN)
-    wq, ws = jax.vmap(lambda we: fp8.quantize(we, r.w))(w)
+    wq, ws = jax.vmap(lambda we: quantize(we, r.w))(w)
     return r, rq, rs, wq, ws
 
 
@@ -241,7 +249,7 @@ def _check_grouped(ours, a, a_scales, ta, b, b_scales, tb, sizes, *, pow2: bool)
     """Per group, the same references and bounds as the dense kernel; rows past the groups are exactly zero."""
     sizes_j = jnp.asarray(sizes, jnp.int32)
     blocks = -(-a.shape[1] // BLOCK_K)
-    refs = {be: np.asarray(fp8.blocked_ragged_matmul(a, a_scales, ta, b, b_scales, tb, sizes_j, be))
+    refs = {be: np.asarray(blocked_ragged_matmul(a, a_scales, ta, b, b_scales, tb, sizes_j, be))
             for be in fp8.BACKENDS}
     errors = dict.fromkeys(fp8.BACKENDS, 0.0)
     start = 0
@@ -280,7 +288,7 @@ def test_grouped_input_gradient_equals_grouped_bwd(case):
     """d(rows) = dY @ W_g^T as `_grouped_bwd` computes it, the expert weights read in place ([G, K, N])."""
     r, _, _, wq, ws = _grouped_operands(False)
     t_dy, t_wt, _, _ = r.backward_tilings()
-    gq, gs = fp8.quantize(_normal(7, ROWS, GN), t_dy)
+    gq, gs = quantize(_normal(7, ROWS, GN), t_dy)
     sizes = GROUP_SIZES[case]
     ours = block_scaled_grouped_matmul(
         gq, gs, wq, ws.transpose(0, 2, 1), jnp.asarray(sizes), out_dtype=jnp.float32, b_transposed=True,
@@ -323,11 +331,11 @@ def test_grouped_weight_gradient_equals_grouped_weight_grad(case, pow2):
     x, g = _normal(8, ROWS, GK), _normal(9, ROWS, GN)
     sizes = jnp.asarray(GROUP_SIZES[case], jnp.int32)
     groups = sizes.shape[0]
-    xq, xs = fp8.quantize(_group_aligned(x, sizes), tx)
-    gq, gs = fp8.quantize(_group_aligned(g, sizes), t_dy2)
+    xq, xs = quantize(_group_aligned(x, sizes), tx)
+    gq, gs = quantize(_group_aligned(g, sizes), t_dy2)
     ours = np.asarray(block_scaled_grouped_weight_grad(xq, xs, gq, gs, sizes, block_m=64, interpret=True))
     assert ours.shape == (groups, GK, GN)
-    refs = {be: np.asarray(fp8.grouped_weight_grad(x, g, sizes, groups, tx, t_dy2, be)) for be in fp8.BACKENDS}
+    refs = {be: np.asarray(grouped_weight_grad(x, g, sizes, groups, tx, t_dy2, be)) for be in fp8.BACKENDS}
     counts = (np.asarray(sizes) + BLOCK_K - 1) // BLOCK_K
     starts = np.cumsum(counts) - counts
     for e in range(groups):

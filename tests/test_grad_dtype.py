@@ -18,6 +18,8 @@ from dsv3c.runtime.init import init_params
 from dsv3c.runtime.model import param_infos, run_model
 from dsv3c.runtime.train import make_loss_and_grads, split_params
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 # One MoE layer under bf16 compute: stacked attention, shared-expert (dense GEMMs) and routed-expert weights.
 MODEL = """
 model micro {{

@@ -27,6 +27,8 @@ from dsv3c.report import count_params
 from dsv3c.runtime.model import ParamInfo, param_infos, run_model
 from dsv3c.targets import resolve_target
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # A small DeepSeek-V3-shaped spec: one dense layer, two MoE layers (8 experts, top-2 of 2 groups), one MTP module.

@@ -10,6 +10,8 @@ import pytest
 from dsv3c.memory_breakdown import PARTS, memory_breakdown
 from dsv3c.runtime.xla import BufferDump
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 # A step with a vocabulary of 50. The forward makes an activation and the logits, the backward (a loop) gathers a
 # weight, makes a gradient of the weight's shape and a scratch value in its body, the optimizer makes an update.
 HLO = """HloModule jit_step

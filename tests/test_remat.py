@@ -19,6 +19,8 @@ from dsv3c.runtime.init import init_params
 from dsv3c.runtime.model import param_infos, run_model
 from dsv3c.targets import resolve_target
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 # One dense and one MoE layer with MLA: every kind of op a layer holds, small enough to compile in seconds.
 MICRO = """
 model micro {

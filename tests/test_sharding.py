@@ -13,6 +13,8 @@ import dsv3c
 from dsv3c.report import collectives
 from dsv3c.runtime.data import SyntheticStream
 
+pytestmark = pytest.mark.usefixtures("unoptimized_cpu_code")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # tiny.dsv3 cut to one dense and one MoE layer: fewer ops to compile for each of the meshes below
 TWO_LAYERS = (EXAMPLES / "tiny.dsv3").read_text().replace("layers 4 { dense_first 1 }", "layers 2 { dense_first 1 }")
