@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 def unoptimized_cpu_code():
     """LLVM at -O0 for the CPU programs built while it is active (through the target's XLA options, which every
     program's jits take). For modules that compile programs of the whole model and run them for a step or two, where
-    code generation is a quarter of the time: the DualPipeV test's compile measured 126 s against 168 at -O1.
+    code generation is a quarter of the time (the DualPipeV test file alone: 104 s against about 130 at -O1).
     Not for tests that check arithmetic bit for bit: -O0 does not contract multiply-adds into FMAs."""
     from dsv3c.targets import CpuTarget
 
