@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -74,11 +76,18 @@ class StageLayout:
 
     def stage_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The IR's layout -> the pipelined one (works on arrays and under a trace)."""
-        return self._convert(params, self._stage)
+        return self._conversions[0](params)
 
     def unstage_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The pipelined layout -> the IR's."""
-        return self._convert(params, self._unstage)
+        return self._conversions[1](params)
+
+    @cached_property
+    def _conversions(self) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], ...]:
+        """Both conversions, jitted: run eagerly, every slice, pad and concatenate of every parameter would be
+        compiled on its own (about a hundred small programs for `tiny`); under a trace the jit is inlined."""
+        return (jax.jit(lambda params: self._convert(params, self._stage)),
+                jax.jit(lambda params: self._convert(params, self._unstage)))
 
     def _convert(self, params: dict[str, Any], convert: Callable[[StackStages, Any], Any]) -> dict[str, Any]:
         """`params` with each stacked parameter converted by `convert(stack, value)`, the others as they are."""

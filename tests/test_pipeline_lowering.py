@@ -63,7 +63,7 @@ def test_dualpipev_training_steps_equal_the_unpipelined_ones(reference, dualpipe
     same gradients of the first (read off AdamW's first moment, to 1e-5 of each one's largest entry)."""
     tokens, expected, expected_moment = reference
     steps, moment = _two_steps(dualpipev, tokens)
-    moment = jax.jit(stage_layout(dualpipev.module).unstage_params)(moment)
+    moment = stage_layout(dualpipev.module).unstage_params(moment)
     for step, (got, want) in enumerate(zip(steps, expected, strict=True)):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=f"step {step + 1} {name}")
@@ -78,15 +78,14 @@ def test_stage_layout_holds_each_ranks_layers_and_converts_back(dualpipev):
     layout = stage_layout(dualpipev.module)
     rng = np.random.default_rng(0)
     params = {name: rng.standard_normal(info.shape).astype(np.float32) for name, info in dualpipev.infos.items()}
-    # jitted: one program for the whole dict instead of an eager slice, pad and concatenate per parameter
-    staged = jax.device_get(jax.jit(layout.stage_params)(params))
+    staged = jax.device_get(layout.stage_params(params))
     # tiny: 1 dense + 3 MoE layers over DualPipeV's 4 chunks: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
     (dense, moe) = layout.stacks
     assert (dense.layers, moe.layers) == ((1, 0, 0, 0), (0, 1, 1, 1))
     assert staged["moe.wq_a"].shape == (2, moe.rows, *params["moe.wq_a"].shape[1:])
     rank0_moe_rows = [staged["moe.wq_a"][0, moe.offset[k]] for k in (0, 1) if moe.layers[layout.chunk(0, k)]]
     np.testing.assert_array_equal(rank0_moe_rows[0], params["moe.wq_a"][2])  # chunk 3 runs the last MoE layer
-    back = jax.jit(layout.unstage_params)(staged)
+    back = layout.unstage_params(staged)
     for name, value in params.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
 
