@@ -385,6 +385,10 @@ class LayerStackOp(_Op):
     count = prop_def(IntegerAttr)
     layer_kind = prop_def(StringAttr, prop_name="kind")
     remat = opt_prop_def(StringAttr)
+    kernel_residuals = opt_prop_def(StringAttr)
+    """`"save"` (`dsv3-remat{kernels=save}`): backward keeps what the layer's kernels computed for their own backward
+    (blockwise attention's output and log-sum-exp, the routed experts' sorted rows and hidden activations) instead of
+    running the kernels' forward again; absent: they are recomputed with everything else the tags do not save."""
     chunks = opt_prop_def(ArrayAttr[IntegerAttr])
     """Layers per pipeline chunk, in order (`dsv3-pipeline`, `dialects/pipeline.py`); absent when not pipelined."""
     traits = traits_def(RecursiveMemoryEffect())
@@ -409,6 +413,10 @@ class LayerStackOp(_Op):
     def verify_(self) -> None:
         count = self.int_prop("count")
         self.expect(count >= 1, "count must be at least 1")
+        if self.kernel_residuals is not None:
+            self.expect(self.kernel_residuals.data == "save", "kernel_residuals must be \"save\" (or absent)")
+            self.expect(self.remat is not None and self.remat.data not in ("none", "full"),
+                        "kernel_residuals needs a recompute policy that keeps some values (not none or full)")
         chunks = self.chunk_layers
         if chunks is not None:
             self.expect(all(n >= 0 for n in chunks) and sum(chunks) == count,

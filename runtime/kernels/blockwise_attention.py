@@ -26,8 +26,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 F32 = jnp.float32
+
+RESIDUALS = ("blockwise_attention.out", "blockwise_attention.lse")
+"""Names of what the forward keeps for the backward, for a recompute policy to save (`dsv3-remat{kernels=save}`)
+rather than run the forward again."""
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 128
@@ -197,7 +202,8 @@ def _attention(q_nope, q_pe, k_nope, k_pe, v, scale: float, tiling: _Tiling) -> 
 
 
 def _attention_fwd(q_nope, q_pe, k_nope, k_pe, v, scale: float, tiling: _Tiling):
-    out, lse = _forward(q_nope, q_pe, k_nope, k_pe, v, scale, tiling)
+    out, lse = (checkpoint_name(x, name) for x, name in zip(
+        _forward(q_nope, q_pe, k_nope, k_pe, v, scale, tiling), RESIDUALS, strict=True))
     return out, (q_nope, q_pe, k_nope, k_pe, v, out, lse)
 
 

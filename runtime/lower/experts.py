@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec
 
 from ...dialects import dsv3
@@ -43,16 +44,31 @@ def routed_experts(x, weights, indices, w_gate, w_up, w_down, gemm: GroupedGemm 
     top_k = indices.shape[-1]
     tokens = x.reshape(-1, dim)
     flat_experts = indices.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    rows = tokens[order // top_k]
-    group_sizes = jnp.bincount(flat_experts, length=experts).astype(jnp.int32)
-    dtype = x.dtype
-    gate = gemm(rows, w_gate.astype(dtype), group_sizes)
-    up = gemm(rows, w_up.astype(dtype), group_sizes)
-    out = gemm(swiglu(gate, up), w_down.astype(dtype), group_sizes)
-    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(-1, top_k, dim)
+    order = _named(jnp.argsort(flat_experts, stable=True), "order")
+    rows = _named(tokens[order // top_k], "rows")
+    group_sizes = _named(jnp.bincount(flat_experts, length=experts).astype(jnp.int32), "sizes")
+    out = _sorted_swiglu(rows, group_sizes, w_gate, w_up, w_down, gemm)
+    unsorted = _named(jnp.zeros_like(out).at[order].set(out).reshape(-1, top_k, dim), "unsorted")
     combined = jnp.einsum("tkd,tk->td", unsorted.astype(jnp.float32), weights.reshape(-1, top_k))
-    return combined.astype(dtype).reshape(shape)
+    return combined.astype(x.dtype).reshape(shape)
+
+
+RESIDUALS = tuple(f"experts.{name}" for name in ("order", "rows", "sizes", "gate", "up", "hidden", "unsorted"))
+"""Names of what the routed experts' backward reads (the sort, the sorted rows, the group sizes, both GEMMs'
+outputs, their SwiGLU, the unsorted results), for a recompute policy to save (`dsv3-remat{kernels=save}`) rather
+than run the experts' forward again."""
+
+
+def _named(value: jax.Array, name: str) -> jax.Array:
+    return checkpoint_name(value, f"experts.{name}")
+
+
+def _sorted_swiglu(rows, group_sizes, w_gate, w_up, w_down, gemm: GroupedGemm) -> jax.Array:
+    """SwiGLU experts over rows sorted by group, as three grouped GEMMs, with the values backward reads named."""
+    dtype = rows.dtype
+    gate = _named(gemm(rows, w_gate.astype(dtype), group_sizes), "gate")
+    up = _named(gemm(rows, w_up.astype(dtype), group_sizes), "up")
+    return gemm(_named(swiglu(gate, up), "hidden"), w_down.astype(dtype), group_sizes)
 
 
 def capacity(tokens: int, top_k: int, ep: int, capacity_factor: float | None) -> int:
@@ -68,14 +84,12 @@ def _local_experts(rows, pairs_expert, pairs_weight, w_gate, w_up, w_down, gemm:
     experts = w_gate.shape[0]
     num_rows, top_k = pairs_expert.shape
     flat = pairs_expert.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # foreign pairs (id == experts) sort last, beyond the group sizes
-    gathered = rows[order // top_k]
-    sizes = jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32)
-    dtype = rows.dtype
-    gate = gemm(gathered, w_gate.astype(dtype), sizes)
-    up = gemm(gathered, w_up.astype(dtype), sizes)
-    out = gemm(swiglu(gate, up), w_down.astype(dtype), sizes)
-    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(num_rows, top_k, -1)
+    # foreign pairs (id == experts) sort last, beyond the group sizes
+    order = _named(jnp.argsort(flat, stable=True), "order")
+    gathered = _named(rows[order // top_k], "rows")
+    sizes = _named(jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32), "sizes")
+    out = _sorted_swiglu(gathered, sizes, w_gate, w_up, w_down, gemm)
+    unsorted = _named(jnp.zeros_like(out).at[order].set(out).reshape(num_rows, top_k, -1), "unsorted")
     return jnp.einsum("rkd,rk->rd", unsorted.astype(jnp.float32), pairs_weight)
 
 

@@ -13,6 +13,8 @@ from jax.ad_checkpoint import checkpoint_name
 from xdsl.ir import Block
 
 from ...dialects.remat import CheckpointOp, RematAction
+from ..kernels import blockwise_attention
+from . import experts
 from .registry import register_lowering
 
 Policy = Callable[..., Any]
@@ -39,17 +41,22 @@ def layer_tags(block: Block) -> dict[RematAction, list[str]]:
     return tags
 
 
-def remat_policy(block: Block) -> Policy:
+KERNEL_RESIDUALS = (*blockwise_attention.RESIDUALS, *experts.RESIDUALS)
+"""What the kernels name for their own backward: saved with the tagged values under `kernel_residuals = "save"`."""
+
+
+def remat_policy(block: Block, save_kernel_residuals: bool = False) -> Policy:
     """The `jax.checkpoint` policy of one layer: only the values tagged `save` (and `offload`, to pinned host
-    memory) are residuals of the backward pass. An allow-list rather than "everything except the recomputed
-    names", because JAX would otherwise keep the untagged value just before each recomputed one (the matmul
-    output under its name), and nothing would be saved."""
+    memory), and the kernels' residuals when asked, are residuals of the backward pass. An allow-list rather than
+    "everything except the recomputed names", because JAX would otherwise keep the untagged value just before each
+    recomputed one (the matmul output under its name), and nothing would be saved."""
     tags = layer_tags(block)
+    saved = [*tags[RematAction.SAVE], *(KERNEL_RESIDUALS if save_kernel_residuals else ())]
     if tags[RematAction.OFFLOAD]:
         return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=tags[RematAction.SAVE],
+            names_which_can_be_saved=saved,
             names_which_can_be_offloaded=tags[RematAction.OFFLOAD],
             offload_src="device",
             offload_dst="pinned_host",
         )
-    return jax.checkpoint_policies.save_only_these_names(*tags[RematAction.SAVE])
+    return jax.checkpoint_policies.save_only_these_names(*saved)
