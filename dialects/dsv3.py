@@ -370,6 +370,11 @@ class YieldOp(_Op):
         super().__init__(operands=[list(values)])
 
 
+KERNEL_FAMILIES = ("attention", "experts")
+"""Kernels whose forward residuals a layer stack can keep for backward (`kernel_residuals`,
+`dsv3-remat{kernels=...}`)."""
+
+
 @irdl_op_definition
 class LayerStackOp(_Op):
     """`count` identical layers applied in sequence. Operand 0 is the incoming hidden state; the other operands are
@@ -385,10 +390,10 @@ class LayerStackOp(_Op):
     count = prop_def(IntegerAttr)
     layer_kind = prop_def(StringAttr, prop_name="kind")
     remat = opt_prop_def(StringAttr)
-    kernel_residuals = opt_prop_def(StringAttr)
-    """`"save"` (`dsv3-remat{kernels=save}`): backward keeps what the layer's kernels computed for their own backward
+    kernel_residuals = opt_prop_def(ArrayAttr[StringAttr])
+    """The kernels (`attention`, `experts`; `dsv3-remat{kernels=...}`) whose backward reads what their forward kept
     (blockwise attention's output and log-sum-exp, the routed experts' sorted rows and hidden activations) instead of
-    running the kernels' forward again; absent: they are recomputed with everything else the tags do not save."""
+    running the forward again; absent: they are recomputed with everything else the tags do not save."""
     chunks = opt_prop_def(ArrayAttr[IntegerAttr])
     """Layers per pipeline chunk, in order (`dsv3-pipeline`, `dialects/pipeline.py`); absent when not pipelined."""
     traits = traits_def(RecursiveMemoryEffect())
@@ -414,7 +419,9 @@ class LayerStackOp(_Op):
         count = self.int_prop("count")
         self.expect(count >= 1, "count must be at least 1")
         if self.kernel_residuals is not None:
-            self.expect(self.kernel_residuals.data == "save", "kernel_residuals must be \"save\" (or absent)")
+            kernels = [k.data for k in self.kernel_residuals.data]
+            self.expect(set(kernels) <= set(KERNEL_FAMILIES), f"kernel_residuals {kernels} must name kernels of "
+                        f"{list(KERNEL_FAMILIES)}")
             self.expect(self.remat is not None and self.remat.data not in ("none", "full"),
                         "kernel_residuals needs a recompute policy that keeps some values (not none or full)")
         chunks = self.chunk_layers

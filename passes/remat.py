@@ -16,12 +16,12 @@ Policies (`-p 'dsv3-remat{policy=deepseek}'`):
   rest;
 - `full`: keep nothing but each layer's input, recompute the whole layer.
 
-`kernels=save` keeps, in addition, what the layer's kernels computed for their own backward (blockwise attention's
-output and log-sum-exp, as FlashAttention keeps them; the routed experts' sorted rows, hidden activations and
-unsorted outputs) instead of running the kernels' forward again in backward (`kernel_residuals = "save"` on the
-stack). It pays where recomputing costs more than storing: on the CPU the 34M-parameter peer model's step is 7% faster
-for 4% more temporaries, `tiny`'s 6% slower (`benchmarks/RESULTS.md`). Not with `none` (which keeps everything)
-or `full` (which keeps only each layer's input).
+`kernels=attention,experts` keeps, in addition, what those kernels computed for their own backward (blockwise
+attention's output and log-sum-exp, as FlashAttention keeps them; the routed experts' sort, sorted rows, hidden
+activations and unsorted outputs) instead of running the kernels' forward again in backward
+(`kernel_residuals = ["attention", "experts"]` on the stack). It pays where recomputing costs more than storing: on
+the CPU the 34M-parameter peer model's step is 7% faster for 4% more temporaries, `tiny`'s 6% slower
+(`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each layer's input).
 
 `save`, `offload` and `recompute` (comma-separated value names, as the tags print them: `attn,h,c_kv`) override the
 policy for those values: `dsv3-remat{policy=full save=c_kv,k_pe}` keeps only the latents,
@@ -43,7 +43,7 @@ import re
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ModuleOp, StringAttr, TensorType
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr, TensorType
 from xdsl.ir import Block, BlockArgument, Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
@@ -72,7 +72,7 @@ class RematPass(ModulePass):
     save: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
     recompute: tuple[str, ...] = ()
-    kernels: str = "recompute"
+    kernels: tuple[str, ...] = ()
     keep: bool = False
 
     def overrides(self) -> dict[str, RematAction]:
@@ -93,10 +93,12 @@ class RematPass(ModulePass):
         overrides = self.overrides()
         if self.policy == "none" and overrides:
             raise UserError("dsv3-remat: policy none keeps everything; give save/offload/recompute another policy")
-        if self.kernels not in ("recompute", "save"):
-            raise UserError(f"dsv3-remat: kernels={self.kernels} (expected recompute or save)")
-        if self.kernels == "save" and self.policy in ("none", "full"):
-            raise UserError(f"dsv3-remat: kernels=save needs a policy that keeps values (deepseek or outputs), not "
+        unknown_kernels = sorted(set(self.kernels) - set(dsv3.KERNEL_FAMILIES))
+        if unknown_kernels:
+            raise UserError(f"dsv3-remat: kernels={','.join(unknown_kernels)} (expected "
+                            f"{', '.join(dsv3.KERNEL_FAMILIES)})")
+        if self.kernels and self.policy in ("none", "full"):
+            raise UserError(f"dsv3-remat: kernels= needs a policy that keeps values (deepseek or outputs), not "
                             f"{self.policy}")
         known: set[str] = set()
         for stack in [o for o in op.walk() if isinstance(o, dsv3.LayerStackOp)]:
@@ -105,8 +107,8 @@ class RematPass(ModulePass):
                 continue
             clear_remat(stack)
             stack.properties["remat"] = StringAttr(self.policy)
-            if self.kernels == "save":
-                stack.properties["kernel_residuals"] = StringAttr("save")
+            if self.kernels:
+                stack.properties["kernel_residuals"] = ArrayAttr([StringAttr(k) for k in self.kernels])
             if self.policy == "none":
                 continue
             names = value_names(stack.body.block)

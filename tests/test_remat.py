@@ -21,7 +21,6 @@ from dsv3c.frontend.errors import UserError
 from dsv3c.passes.remat import RematPass
 from dsv3c.pipeline import pipeline_text, run_pipeline
 from dsv3c.runtime.init import init_params
-from dsv3c.runtime.kernels.blockwise_attention import RESIDUALS as blockwise_attention_residuals
 from dsv3c.runtime.kernels.blockwise_attention import blockwise_attention
 from dsv3c.runtime.kernels.grouped_gemm_cpu import tiled_grouped_gemm
 from dsv3c.runtime.lower.experts import routed_experts
@@ -57,7 +56,7 @@ model dense {
 """
 
 
-# The CPU's kernels, whose forward residuals `kernels=save` keeps: blockwise attention and the routed experts' tiles.
+# The CPU's kernels, whose forward residuals `kernels=attention,experts` keeps: blockwise attention, expert tiles.
 KERNELS = "dsv3-kernels{attention=blockwise experts=tiled}"
 
 
@@ -86,7 +85,7 @@ def reference() -> tuple[float, dict[str, np.ndarray]]:
         "dsv3-remat{policy=deepseek}",
         "dsv3-remat{policy=full save=c_kv,k_pe}",
         "dsv3-remat{policy=deepseek offload=attn,h}",
-        f"dsv3-remat{{policy=deepseek kernels=save}},{KERNELS}",
+        f"dsv3-remat{{policy=deepseek kernels=attention,experts}},{KERNELS}",
     ],
 )
 def test_gradients_equal_those_without_recompute(pipeline, reference) -> None:
@@ -140,33 +139,34 @@ def test_offload_moves_the_named_values_to_host() -> None:
     assert _offloaded_residuals("dsv3-remat{policy=deepseek offload=attn,h}") == 4
 
 
-def _saved_names(f, *args, capsys) -> set[str]:
-    """The names of the residuals `f`, checkpointed under `kernels=save`'s policy, keeps for its backward pass."""
-    print_saved_residuals(jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names(*KERNEL_RESIDUALS)),
-                          *args)
+def _saved_names(f, *args, kernel: str, capsys) -> set[str]:
+    """The names of the residuals `f` keeps for its backward, checkpointed with `kernel`'s residuals saved."""
+    policy = jax.checkpoint_policies.save_only_these_names(*KERNEL_RESIDUALS[kernel])
+    print_saved_residuals(jax.checkpoint(f, policy=policy), *args)
     return set(re.findall(r"named '([^']+)'", capsys.readouterr().out))
 
 
 def test_saving_kernel_residuals_keeps_what_the_kernels_backward_reads(capsys) -> None:
-    """With `kernels=save` backward reads the blockwise attention's output and log-sum-exp and the routed experts'
-    sort, sorted rows, group sizes and hidden activations instead of running their forwards again (the gradients
-    are those without recompute: above). The stacks say so in the IR, and the verifier refuses it where the policy
-    keeps nothing."""
+    """With `kernels=attention,experts` backward reads the blockwise attention's output and log-sum-exp and the
+    routed experts' sort, sorted rows, group sizes and hidden activations instead of running their forwards again
+    (the gradients are those without recompute: above). The stacks say so in the IR, and the verifier refuses it
+    where the policy keeps nothing."""
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
     attention = _saved_names(lambda *qkv: blockwise_attention(*qkv, 0.25).sum(), normal(1, 64, 2, 8),
                              normal(1, 64, 2, 4), normal(1, 64, 2, 8), normal(1, 64, 4), normal(1, 64, 2, 8),
-                             capsys=capsys)
-    assert attention == set(blockwise_attention_residuals), attention
+                             kernel="attention", capsys=capsys)
+    assert attention == {"blockwise_attention.out", "blockwise_attention.lse"}, attention
     indices = jnp.asarray(rng.integers(0, 4, (2, 8, 2)), jnp.int32)
     experts = _saved_names(
         lambda x, *w: routed_experts(x, jnp.ones((2, 8, 2)), indices, *w, tiled_grouped_gemm).sum(),
-        normal(2, 8, 16), normal(4, 16, 8), normal(4, 16, 8), normal(4, 8, 16), capsys=capsys)
+        normal(2, 8, 16), normal(4, 16, 8), normal(4, 16, 8), normal(4, 8, 16), kernel="experts", capsys=capsys)
     assert experts == {f"experts.{n}" for n in ("order", "rows", "sizes", "gate", "up", "hidden")}, experts
-    module = _module(MICRO, "dsv3-remat{kernels=save}")
-    assert 'kernel_residuals = "save"' in print_ir(module)
+    module = _module(MICRO, "dsv3-remat{kernels=attention,experts}")
+    assert 'kernel_residuals = ["attention", "experts"]' in print_ir(module)
     stacks = [op for op in module.walk() if isinstance(op, dsv3c.dialects.dsv3.LayerStackOp)]
-    assert len(stacks) == 2 and all(op.kernel_residuals.data == "save" for op in stacks)
+    assert len(stacks) == 2 and all(
+        [k.data for k in op.kernel_residuals.data] == ["attention", "experts"] for op in stacks)
     stacks[0].properties["remat"] = StringAttr("full")  # a hand edit the verifier refuses
     with pytest.raises(VerifyException, match="kernel_residuals needs a recompute policy"):
         stacks[0].verify()
@@ -191,8 +191,8 @@ def test_offload_puts_the_named_values_in_tpu_host_memory() -> None:
         ("dsv3-remat{policy=full save=nosuch}", "no layer has a value named ['nosuch']"),
         ("dsv3-remat{policy=full save=h offload=h}", "'h' is listed under both save and offload"),
         ("dsv3-remat{policy=none offload=h}", "policy none keeps everything"),
-        ("dsv3-remat{policy=full kernels=save}", "kernels=save needs a policy that keeps values"),
-        ("dsv3-remat{kernels=maybe}", "kernels=maybe"),
+        ("dsv3-remat{policy=full kernels=attention}", "kernels= needs a policy that keeps values"),
+        ("dsv3-remat{kernels=attention,maybe}", "kernels=maybe \\(expected attention, experts\\)"),
     ],
 )
 def test_bad_options_are_user_errors(pipeline, message) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,17 +41,18 @@ def layer_tags(block: Block) -> dict[RematAction, list[str]]:
     return tags
 
 
-KERNEL_RESIDUALS = (*blockwise_attention.RESIDUALS, *experts.RESIDUALS)
-"""What the kernels name for their own backward: saved with the tagged values under `kernel_residuals = "save"`."""
+KERNEL_RESIDUALS = {"attention": blockwise_attention.RESIDUALS, "experts": experts.RESIDUALS}
+"""What each kernel family names for its own backward: saved with the tagged values for the kernels a stack's
+`kernel_residuals` lists."""
 
 
-def remat_policy(block: Block, save_kernel_residuals: bool = False) -> Policy:
+def remat_policy(block: Block, kernels: Sequence[str] = ()) -> Policy:
     """The `jax.checkpoint` policy of one layer: only the values tagged `save` (and `offload`, to pinned host
-    memory), and the kernels' residuals when asked, are residuals of the backward pass. An allow-list rather than
+    memory), and the residuals of the `kernels` named, are residuals of the backward pass. An allow-list rather than
     "everything except the recomputed names", because JAX would otherwise keep the untagged value just before each
     recomputed one (the matmul output under its name), and nothing would be saved."""
     tags = layer_tags(block)
-    saved = [*tags[RematAction.SAVE], *(KERNEL_RESIDUALS if save_kernel_residuals else ())]
+    saved = [*tags[RematAction.SAVE], *(name for kernel in kernels for name in KERNEL_RESIDUALS[kernel])]
     if tags[RematAction.OFFLOAD]:
         return jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=saved,

@@ -32,8 +32,8 @@ def _layer_stack(op: dsv3.LayerStackOp, args, ctx: LoweringContext):
     if op.remat is not None and op.remat.data != "none":
         # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation back into the forward
         # pass (JAX's advice for checkpoint under scan), and the barriers it would add cost fusion.
-        saves_kernels = op.kernel_residuals is not None and op.kernel_residuals.data == "save"
-        layer = jax.checkpoint(layer, policy=remat_policy(block, saves_kernels), prevent_cse=False)
+        kernels = [] if op.kernel_residuals is None else [k.data for k in op.kernel_residuals.data]
+        layer = jax.checkpoint(layer, policy=remat_policy(block, kernels), prevent_cse=False)
     hidden, stacked_outputs = lax.scan(layer, args[0], tuple(args[1:]))
     return [hidden, *stacked_outputs]
 
