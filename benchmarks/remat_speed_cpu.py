@@ -23,7 +23,8 @@ import numpy as np
 import dsv3c
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.dsv3"
-PIPELINES = ("dsv3-remat{policy=deepseek}", "dsv3-remat{policy=deepseek kernels=save}", "dsv3-remat{policy=none}")
+PIPELINES = ("dsv3-remat{policy=deepseek}", "dsv3-remat{policy=deepseek kernels=attention,experts}",
+             "dsv3-remat{policy=none}")
 
 
 def model(hf: str | None) -> tuple[dsv3c.ModelSpec, np.ndarray]:

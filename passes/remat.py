@@ -20,7 +20,7 @@ Policies (`-p 'dsv3-remat{policy=deepseek}'`):
 attention's output and log-sum-exp, as FlashAttention keeps them; the routed experts' sort, sorted rows, hidden
 activations and unsorted outputs) instead of running the kernels' forward again in backward
 (`kernel_residuals = ["attention", "experts"]` on the stack). It pays where recomputing costs more than storing: on
-the CPU the 34M-parameter peer model's step is 7% faster for 4% more temporaries, `tiny`'s 6% slower
+the CPU the 34M-parameter peer model's step is 7% faster for 4% more temporaries, `tiny`'s 6-10% slower
 (`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each layer's input).
 
 `save`, `offload` and `recompute` (comma-separated value names, as the tags print them: `attn,h,c_kv`) override the

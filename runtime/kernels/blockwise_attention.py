@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 F32 = jnp.float32
 
 RESIDUALS = ("blockwise_attention.out", "blockwise_attention.lse")
-"""Names of what the forward keeps for the backward, for a recompute policy to save (`dsv3-remat{kernels=save}`)
+"""Names of what the forward keeps for the backward, for a recompute policy to save (`dsv3-remat{kernels=attention}`)
 rather than run the forward again."""
 
 DEFAULT_BLOCK_Q = 256

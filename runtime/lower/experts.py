@@ -55,7 +55,7 @@ def routed_experts(x, weights, indices, w_gate, w_up, w_down, gemm: GroupedGemm 
 
 RESIDUALS = tuple(f"experts.{name}" for name in ("order", "rows", "sizes", "gate", "up", "hidden", "unsorted"))
 """Names of what the routed experts' backward reads (the sort, the sorted rows, the group sizes, both GEMMs'
-outputs, their SwiGLU, the unsorted results), for a recompute policy to save (`dsv3-remat{kernels=save}`) rather
+outputs, their SwiGLU, the unsorted results), for a recompute policy to save (`dsv3-remat{kernels=experts}`) rather
 than run the experts' forward again."""
 
 
