@@ -2,11 +2,11 @@
 
 Each pipeline's step is compiled once, then the steps run in turn (one of each per round), so that a change in the
 host's load falls on all of them alike; prints the median wall time, tokens/s, XLA's temporaries and the ratio of
-each time to the first pipeline's. The model is `examples/tiny.dsv3` with random tokens, or a Hugging Face DeepSeek-V3
-checkpoint with its tokens (`--hf DIR`: `config.json`, `model.safetensors` and `train.npy`, as
-`benchmarks/peer_torch.py --workdir DIR` leaves them).
+each time to the first pipeline's. The model is a spec with random tokens (`--spec`, default `examples/tiny.dsv3` at
+batch 16 x 64), or a Hugging Face DeepSeek-V3 checkpoint with its tokens (`--hf DIR`: `config.json`,
+`model.safetensors` and `train.npy`, as `benchmarks/peer_torch.py --workdir DIR` leaves them).
 
-    python benchmarks/remat_speed_cpu.py [--hf DIR] [--rounds 7] [PIPELINE ...]
+    python benchmarks/remat_speed_cpu.py [--hf DIR | --spec FILE --batch B --seq S] [--rounds 7] [PIPELINE ...]
 """
 
 from __future__ import annotations
@@ -27,21 +27,26 @@ PIPELINES = ("dsv3-remat{policy=deepseek}", "dsv3-remat{policy=deepseek kernels=
              "dsv3-remat{policy=none}")
 
 
-def model(hf: str | None) -> tuple[dsv3c.ModelSpec, np.ndarray]:
+def model(args: argparse.Namespace) -> tuple[dsv3c.ModelSpec, np.ndarray]:
     """The spec and an int32 [B, S+1] batch of tokens."""
-    if hf is None:
-        return dsv3c.load(TINY), np.random.default_rng(0).integers(0, 256, (16, 65)).astype(np.int32)
-    spec, _ = dsv3c.import_hf(hf, dtype="f32")
-    return spec, np.load(Path(hf) / "train.npy")
+    if args.hf is None:
+        spec = dsv3c.load(args.spec)
+        shape = (args.batch, args.seq + 1)
+        return spec, np.random.default_rng(0).integers(0, spec.vocab, shape).astype(np.int32)
+    spec, _ = dsv3c.import_hf(args.hf, dtype="f32")
+    return spec, np.load(Path(args.hf) / "train.npy")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipelines", nargs="*", default=list(PIPELINES))
-    parser.add_argument("--hf", default=None, help="a Hugging Face checkpoint directory (default: tiny)")
+    parser.add_argument("--hf", default=None, help="a Hugging Face checkpoint directory (instead of --spec)")
+    parser.add_argument("--spec", default=str(TINY), help="a .dsv3 spec, trained on random tokens (default: tiny)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    spec, tokens = model(args.hf)
+    spec, tokens = model(args)
     batch = {"tokens": jnp.asarray(tokens)}
     programs, states = [], []
     for pipeline in args.pipelines:

@@ -132,6 +132,25 @@ class RopeLayoutAttr(EnumAttribute[RopeLayout], SpacedOpaqueSyntaxAttribute):
     name = "dsv3.rope_layout"
 
 
+class HeadLossGrads(StrEnum):
+    """When `dsv3.head_loss` computes the gradients of its operands."""
+
+    BACKWARD = auto()
+    """In the backward pass, from each slice's logits computed again: the forward pass keeps only its operands."""
+    FORWARD = auto()
+    """In the forward pass, from the logits it has just made (the loss is a scalar, so the backward pass only scales
+    them by the loss's cotangent): one head GEMM fewer and no logits or their gradient kept, for the gradients
+    themselves (h's shape and the head's) held from forward to backward. `chunks` is then an upper bound: slices
+    hold at least 8 MiB of logits each (`runtime/lower/losses.py`)."""
+
+
+@irdl_attr_definition
+class HeadLossGradsAttr(EnumAttribute[HeadLossGrads], SpacedOpaqueSyntaxAttribute):
+    """`#dsv3<head_loss_grads forward>`."""
+
+    name = "dsv3.head_loss_grads"
+
+
 class OutputRole(StrEnum):
     """What a `dsv3.output` is for. Passes and the runtime find outputs by role, so renaming one changes only how
     reports call it."""
@@ -1030,8 +1049,9 @@ class CrossEntropyOp(_Op):
 class HeadLossOp(_Op):
     """The output head and its cross-entropy in one: mean over tokens where mask is 1 of the cross-entropy of the
     float32 logits h @ head against labels, computed `chunks` slices of the sequence at a time so that the full
-    [B, S, V] logits never exist (the backward pass recomputes each slice's logits). h [B,S,D], head [D,V],
-    labels and mask [B,S]. `dsv3-fuse-head-loss` makes it from a `dsv3.matmul` feeding a `dsv3.cross_entropy`."""
+    [B, S, V] logits never exist. h [B,S,D], head [D,V], labels and mask [B,S]. `grads` says when the gradients of h
+    and head are computed (`backward`, the default: the backward pass recomputes each slice's logits; `forward`:
+    alongside the loss). `dsv3-fuse-head-loss` makes it from a `dsv3.matmul` feeding a `dsv3.cross_entropy`."""
 
     name = "dsv3.head_loss"
     h = operand_def(TensorType)
@@ -1039,14 +1059,22 @@ class HeadLossOp(_Op):
     labels = operand_def(TensorType)
     mask = operand_def(TensorType)
     chunks = prop_def(IntegerAttr)
+    grads = opt_prop_def(HeadLossGradsAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
-    def __init__(self, h: SSAValue, head: SSAValue, labels: SSAValue, mask: SSAValue, chunks: int):
+    def __init__(self, h: SSAValue, head: SSAValue, labels: SSAValue, mask: SSAValue, chunks: int,
+                 grads: HeadLossGrads = HeadLossGrads.BACKWARD):
+        properties: dict[str, Attribute] = {"chunks": _int(chunks)}
+        if grads != HeadLossGrads.BACKWARD:  # the default prints nothing, so IR written before it reads the same
+            properties["grads"] = HeadLossGradsAttr(grads)
         super().__init__(
-            operands=[h, head, labels, mask], result_types=[TensorType(Float32Type(), [])],
-            properties={"chunks": _int(chunks)},
+            operands=[h, head, labels, mask], result_types=[TensorType(Float32Type(), [])], properties=properties,
         )
+
+    @property
+    def grads_when(self) -> HeadLossGrads:
+        return self.grads.data if self.grads is not None else HeadLossGrads.BACKWARD
 
     def verify_(self) -> None:
         h, w = shape_of(self.h), shape_of(self.head)
@@ -1064,7 +1092,7 @@ CORE_OPS: list[type[IRDLOperation]] = [
 ]
 """The model-level ops; `dialects/dialect.py` assembles them with the ops of the other dialect modules."""
 
-CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr, OutputRoleAttr]
+CORE_ATTRS: list[type[Attribute]] = [RouterScoreAttr, RopeLayoutAttr, OutputRoleAttr, HeadLossGradsAttr]
 """The choice attributes of the model-level ops."""
 
 

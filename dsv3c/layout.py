@@ -76,15 +76,15 @@ def applicable_layout(
 
 def layout_passes(op: ParallelOp, defaults: Sequence[ModulePass]) -> list[ModulePass]:
     """A training pipeline: the passes the layout names (fused head loss, its recompute policy), then the target's
-    default passes it does not replace. `keep=true` on the recompute pass, as in the targets' defaults: an IR file
-    whose layers already carry hand-edited tags keeps them."""
+    default passes it does not replace (an unfused head loss replaces a target's fused one). `keep=true` on the
+    recompute pass, as in the targets' defaults: an IR file whose layers already carry hand-edited tags keeps them."""
     chosen: list[ModulePass] = []
     if op.head_loss.data == "fused":
         chosen.append(FuseHeadLossPass())
     if op.remat_policy is not None:
         chosen.append(RematPass(policy=op.remat_policy, keep=True))
-    names = {p.name for p in chosen}
-    return chosen + [p for p in defaults if p.name not in names]
+    replaced = {p.name for p in chosen} | {FuseHeadLossPass.name}
+    return chosen + [p for p in defaults if p.name not in replaced]
 
 
 def _at(op: ParallelOp, field: str, message: str) -> UserError:

@@ -23,6 +23,7 @@ from .dialects.kernels import Kernel
 from .frontend.errors import UserError
 from .passes.drop_mtp import DropMTP
 from .passes.fp8_quant import FP8Quant
+from .passes.fuse_head_loss import FuseHeadLossPass
 from .passes.kernels import KernelsPass
 from .passes.kv_cache import KVCache
 from .passes.mla_absorb import MLAAbsorb
@@ -227,6 +228,16 @@ class CpuTarget(Target):
     experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores."""
 
     kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.BLOCKWISE, "experts": Kernel.TILED}
+
+    def default_passes(self, mode: str) -> list[ModulePass]:
+        """Training computes the head's gradients in the forward pass (`dsv3-fuse-head-loss{grads=forward}`: XLA:CPU's
+        unfused head backward writes the logits' gradient transposed and passes over the logits more often than its
+        GEMMs need) and keeps the kernels' residuals where the shapes say recomputing them costs more
+        (`dsv3-remat{kernels=auto}`): together the 34M-parameter peer model's step takes 0.87x the time of DeepSeek's
+        policy alone (`benchmarks/RESULTS.md`)."""
+        if mode == "train":
+            return [FuseHeadLossPass(grads="forward"), RematPass(policy="deepseek", kernels=("auto",), keep=True)]
+        return super().default_passes(mode)
 
     @classmethod
     def parse(cls, name: str) -> Target | None:

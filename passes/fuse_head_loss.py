@@ -6,11 +6,17 @@ each. The pass rewrites it into `dsv3.head_loss %h, %head, %labels, %mask {chunk
 N slices of the sequence at a time, recomputing each slice's logits in the backward pass. The matmul stays only while
 something else reads the logits (the `logits` output of a forward step; a train step drops it).
 
-Option: `chunks` (default 8; a sequence that `chunks` does not divide uses the largest divisor below it).
+Options: `chunks` (default 8; a sequence that `chunks` does not divide uses the largest divisor below it), and
+`grads`, when the gradients of h and the head are computed: `backward` (default: the backward pass recomputes each
+slice's logits, the least memory) or `forward` (`grads = #dsv3<head_loss_grads forward>`: the forward pass computes
+them from the logits it has just made, since the loss is a scalar and the backward pass only scales them; one head
+GEMM fewer, and neither the logits nor their gradient are kept, only the gradients themselves).
 
-Not in a default pipeline: on deepseek3-test / tpu-v5p-8 the step's peak is elsewhere (in the layers' backward), and
-the slices' weight-gradient carry added 0.3 GiB there (benchmarks/RESULTS.md). It pays where the logits are the peak:
-short models with large vocabularies, long sequences.
+Not in the TPU's default pipeline: on deepseek3-test / tpu-v5p-8 the step's peak is elsewhere (in the layers'
+backward), and the slices' weight-gradient carry added 0.3 GiB there (benchmarks/RESULTS.md). It pays where the logits
+are the peak: short models with large vocabularies, long sequences. The CPU's single-device training runs it with
+`grads=forward` for speed: XLA:CPU spends more on the unfused head's backward (the logits' gradient written
+transposed for the weight gradient, the softmax and one-hot passes) than on its GEMMs.
 """
 
 from __future__ import annotations
@@ -32,15 +38,16 @@ from ..dialects import dsv3
 
 
 class FuseHeadLoss(RewritePattern):
-    def __init__(self, chunks: int):
+    def __init__(self, chunks: int, grads: dsv3.HeadLossGrads):
         self.chunks = chunks
+        self.grads = grads
 
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: dsv3.CrossEntropyOp, rewriter: PatternRewriter) -> None:
         head = op.logits.owner
         if not isinstance(head, dsv3.MatmulOp):
             return
-        fused = dsv3.HeadLossOp(head.x, head.w, op.labels, op.mask, self.chunks)
+        fused = dsv3.HeadLossOp(head.x, head.w, op.labels, op.mask, self.chunks, self.grads)
         rewriter.replace(op, fused)
         if not head.result.uses:
             rewriter.erase(head)
@@ -51,8 +58,14 @@ class FuseHeadLossPass(ModulePass):
     name = "dsv3-fuse-head-loss"
 
     chunks: int = 8
+    grads: str = dsv3.HeadLossGrads.BACKWARD.value
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.chunks < 1:
             raise PassFailedException("dsv3-fuse-head-loss: chunks must be at least 1")
-        PatternRewriteWalker(FuseHeadLoss(self.chunks), apply_recursively=False).rewrite_module(op)
+        choices = [g.value for g in dsv3.HeadLossGrads]
+        if self.grads not in choices:
+            raise PassFailedException(f"dsv3-fuse-head-loss: grads must be one of {', '.join(choices)}, "
+                                      f"got '{self.grads}'")
+        pattern = FuseHeadLoss(self.chunks, dsv3.HeadLossGrads(self.grads))
+        PatternRewriteWalker(pattern, apply_recursively=False).rewrite_module(op)

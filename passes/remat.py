@@ -19,8 +19,12 @@ Policies (`-p 'dsv3-remat{policy=deepseek}'`):
 `kernels=attention,experts` keeps, in addition, what those kernels computed for their own backward (blockwise
 attention's output and log-sum-exp, as FlashAttention keeps them; the routed experts' sort, sorted rows, hidden
 activations and unsorted outputs) instead of running the kernels' forward again in backward
-(`kernel_residuals = ["attention", "experts"]` on the stack). It pays where recomputing costs more than storing: on
-the CPU the 34M-parameter peer model's step is 7% faster for 4% more temporaries, `tiny`'s 6-10% slower
+(`kernel_residuals = ["attention", "experts"]` on the stack). It pays where recomputing costs more than storing.
+`kernels=auto` decides per stack from its shapes, by the rule measured on the CPU (the CPU's default): attention's
+residuals always (its output and one float per head and token, against the whole attention forward: a train step
+2-3% faster on each of three models), the experts' where their forward's FLOPs per byte of residual,
+6 D H / (bytes (2 D + 3 H)) for model width D and expert width H, reach `EXPERT_FLOPS_PER_BYTE` (32): the
+34M-parameter peer model (110) and a 256-wide one (55) were 5-7% faster keeping them, `tiny` (14) 8% slower
 (`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each layer's input).
 
 `save`, `offload` and `recompute` (comma-separated value names, as the tags print them: `attn,h,c_kv`) override the
@@ -57,6 +61,13 @@ LATENT_AXES = ("q_lora", "kv_lora")
 """Logical axes of MLA's compressed latents: a projection out of one is an up-projection."""
 
 _PRINTER_SUFFIX = re.compile(r"_\d+$")
+AUTO_KERNELS = "auto"
+"""`kernels=auto`: the kernels whose residuals to keep are chosen per stack from its shapes (`auto_kernels`)."""
+
+EXPERT_FLOPS_PER_BYTE = 32
+"""`kernels=auto` keeps the routed experts' residuals where recomputing their forward costs at least this many FLOPs
+per byte it would save (module docstring: measured on the CPU between 14, slower kept, and 55, faster kept)."""
+
 _UNTAGGED = (dsv3.YieldOp, ShardOp, CheckpointOp, dsv3.SplitHeadsOp, dsv3.MergeHeadsOp)
 """Ops whose results are not tagged: terminators, identities, and reshapes, which cost nothing to recompute (a
 tag on a reshape would make it, not its input, the residual: `offload=attn` would move nothing)."""
@@ -93,10 +104,11 @@ class RematPass(ModulePass):
         overrides = self.overrides()
         if self.policy == "none" and overrides:
             raise UserError("dsv3-remat: policy none keeps everything; give save/offload/recompute another policy")
-        unknown_kernels = sorted(set(self.kernels) - set(dsv3.KERNEL_FAMILIES))
+        auto = self.kernels == (AUTO_KERNELS,)
+        unknown_kernels = [] if auto else sorted(set(self.kernels) - set(dsv3.KERNEL_FAMILIES))
         if unknown_kernels:
             raise UserError(f"dsv3-remat: kernels={','.join(unknown_kernels)} (expected "
-                            f"{', '.join(dsv3.KERNEL_FAMILIES)})")
+                            f"{', '.join(dsv3.KERNEL_FAMILIES)}, or {AUTO_KERNELS} alone)")
         if self.kernels and self.policy in ("none", "full"):
             raise UserError(f"dsv3-remat: kernels= needs a policy that keeps values (deepseek or outputs), not "
                             f"{self.policy}")
@@ -107,8 +119,9 @@ class RematPass(ModulePass):
                 continue
             clear_remat(stack)
             stack.properties["remat"] = StringAttr(self.policy)
-            if self.kernels:
-                stack.properties["kernel_residuals"] = ArrayAttr([StringAttr(k) for k in self.kernels])
+            kernels = auto_kernels(stack) if auto else self.kernels
+            if kernels:
+                stack.properties["kernel_residuals"] = ArrayAttr([StringAttr(k) for k in kernels])
             if self.policy == "none":
                 continue
             names = value_names(stack.body.block)
@@ -124,6 +137,25 @@ class RematPass(ModulePass):
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise UserError(f"dsv3-remat: no layer has a value named {unknown} (names: {', '.join(sorted(known))})")
+
+
+def auto_kernels(stack: dsv3.LayerStackOp) -> list[str]:
+    """The kernels whose residuals `kernels=auto` keeps in this stack (module docstring: the rule)."""
+    ops = list(stack.body.walk())
+    chosen = ["attention"] if any(isinstance(op, dsv3.AttentionOp) for op in ops) else []
+    experts = [op for op in ops if isinstance(op, dsv3.ExpertsOp)]
+    if experts and all(expert_flops_per_byte(op) >= EXPERT_FLOPS_PER_BYTE for op in experts):
+        chosen.append("experts")
+    return chosen
+
+
+def expert_flops_per_byte(op: dsv3.ExpertsOp) -> float:
+    """FLOPs of the experts' forward per byte of what their backward would keep, per routed row: three GEMMs of
+    D x H (6 D H) against the sorted row and its unsorted result (2 D) and the gate, up and SwiGLU outputs (3 H)."""
+    dim, hidden = dsv3.shape_of(op.w_gate)[-2:]
+    element = op.x.type.get_element_type()
+    size = getattr(element, "bitwidth", 32) // 8
+    return 6 * dim * hidden / (size * (2 * dim + 3 * hidden))
 
 
 def clear_remat(stack: dsv3.LayerStackOp) -> None:

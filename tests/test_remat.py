@@ -18,7 +18,7 @@ import dsv3c
 from dsv3c.dialects.remat import CheckpointOp, RematAction
 from dsv3c.dialects.text import print_ir
 from dsv3c.frontend.errors import UserError
-from dsv3c.passes.remat import RematPass
+from dsv3c.passes.remat import RematPass, expert_flops_per_byte
 from dsv3c.pipeline import pipeline_text, run_pipeline
 from dsv3c.runtime.init import init_params
 from dsv3c.runtime.kernels.blockwise_attention import blockwise_attention
@@ -114,7 +114,8 @@ def test_temp_memory_follows_the_policy() -> None:
 
 def test_default_train_pipeline_is_deepseeks_and_keeps_a_policy_in_the_ir() -> None:
     cpu = resolve_target("cpu")
-    assert cpu.default_passes("train")[0] == RematPass(policy="deepseek", keep=True)
+    assert cpu.default_passes("train")[1] == RematPass(policy="deepseek", kernels=("auto",), keep=True)
+    assert resolve_target("gpu-h100").default_passes("train") == [RematPass(policy="deepseek", keep=True)]
     assert "remat" not in pipeline_text(cpu.default_passes("forward") + cpu.default_passes("prefill"))
     module = _module(MICRO, "dsv3-remat{policy=full}")
     run_pipeline(module, cpu.default_passes("train"))
@@ -172,6 +173,25 @@ def test_saving_kernel_residuals_keeps_what_the_kernels_backward_reads(capsys) -
         stacks[0].verify()
 
 
+def test_auto_kernels_keep_the_experts_residuals_by_their_flops_per_byte() -> None:
+    """`kernels=auto` keeps attention's residuals in every stack that has attention, and the experts' where their
+    forward costs at least 32 FLOPs per byte of residual: 6 D H / (4 (2 D + 3 H)) in float32."""
+    def chosen(spec: str) -> list[list[str]]:
+        module = _module(spec, "dsv3-remat{kernels=auto}")
+        stacks = [op for op in module.walk() if isinstance(op, dsv3c.dialects.dsv3.LayerStackOp)]
+        return [[k.data for k in op.kernel_residuals.data] for op in stacks]
+
+    def ratio(dim: int, hidden: int) -> float:
+        return 6 * dim * hidden / (4 * (2 * dim + 3 * hidden))
+
+    assert ratio(32, 16) < 32 and chosen(MICRO) == [["attention"], ["attention"]]
+    wide = MICRO.replace("dim 32", "dim 256").replace("hidden 16", "hidden 128")
+    assert ratio(256, 128) >= 32 and chosen(wide) == [["attention"], ["attention", "experts"]]
+    module = _module(wide, "dsv3-remat")
+    (experts,) = [op for op in module.walk() if isinstance(op, dsv3c.dialects.dsv3.ExpertsOp)]
+    assert expert_flops_per_byte(experts) == pytest.approx(ratio(256, 128))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu for a TPU compile")
 def test_offload_puts_the_named_values_in_tpu_host_memory() -> None:
     """Against a real TPU compiler (ahead of time), offloaded residuals live in host memory space S(5)."""
@@ -192,7 +212,8 @@ def test_offload_puts_the_named_values_in_tpu_host_memory() -> None:
         ("dsv3-remat{policy=full save=h offload=h}", "'h' is listed under both save and offload"),
         ("dsv3-remat{policy=none offload=h}", "policy none keeps everything"),
         ("dsv3-remat{policy=full kernels=attention}", "kernels= needs a policy that keeps values"),
-        ("dsv3-remat{kernels=attention,maybe}", "kernels=maybe \\(expected attention, experts\\)"),
+        ("dsv3-remat{kernels=attention,maybe}", "kernels=maybe \\(expected attention, experts, or auto alone\\)"),
+        ("dsv3-remat{kernels=auto,attention}", "kernels=auto \\(expected attention, experts, or auto alone\\)"),
     ],
 )
 def test_bad_options_are_user_errors(pipeline, message) -> None:
