@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 from xdsl.dialects.builtin import ModuleOp
@@ -41,6 +42,21 @@ def _decays(info: ParamInfo) -> bool:
     return len([a for a in info.axes if a != "layers"]) >= 2
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one scalar factor on every gradient (1, or max_norm / norm above it). optax
+    divides each element by the norm, which XLA will not repeat in each of AdamW's fused updates (the parameter's and
+    both moments'), so it writes the clipped gradients out and reads them back three times: on XLA:CPU the factor
+    made the update of 34M parameters 7% faster (benchmarks/RESULTS.md)."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(module: ModuleOp, infos: dict[str, ParamInfo], total_steps: int) -> optax.GradientTransformation:
     op = optimizer_op(module)
     mask = {name: _decays(info) for name, info in infos.items() if info.trainable}
@@ -50,4 +66,4 @@ def make_optimizer(module: ModuleOp, infos: dict[str, ParamInfo], total_steps: i
         weight_decay=op.float_prop("weight_decay"), mask=mask, mu_dtype=moments,
     )
     clip = op.float_prop("clip")
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    return optax.chain(clip_by_global_norm(clip), adamw) if clip > 0 else adamw
