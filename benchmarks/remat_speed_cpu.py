@@ -23,8 +23,11 @@ import numpy as np
 import dsv3c
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.dsv3"
-PIPELINES = ("dsv3-remat{policy=deepseek}", "dsv3-remat{policy=deepseek kernels=attention,experts}",
-             "dsv3-remat{policy=none}")
+PIPELINES = ("dsv3-remat{policy=deepseek}", "dsv3-fuse-head-loss{grads=forward},dsv3-remat{policy=deepseek}",
+             "dsv3-fuse-head-loss{grads=forward},dsv3-remat{policy=deepseek kernels=auto}",
+             "dsv3-fuse-head-loss{grads=forward},dsv3-remat{policy=deepseek kernels=attention,experts}")
+"""DeepSeek's policy alone, then with the head's gradients in the forward pass, then the CPU's default (the kernels'
+residuals as `kernels=auto` chooses), then every kernel's residuals kept."""
 
 
 def model(args: argparse.Namespace) -> tuple[dsv3c.ModelSpec, np.ndarray]:
