@@ -233,8 +233,8 @@ class CpuTarget(Target):
         """Training computes the head's gradients in the forward pass (`dsv3-fuse-head-loss{grads=forward}`: XLA:CPU's
         unfused head backward writes the logits' gradient transposed and passes over the logits more often than its
         GEMMs need) and keeps the kernels' residuals where the shapes say recomputing them costs more
-        (`dsv3-remat{kernels=auto}`): together the 34M-parameter peer model's step takes 0.87x the time of DeepSeek's
-        policy alone (`benchmarks/RESULTS.md`)."""
+        (`dsv3-remat{kernels=auto}`): together a train step takes 0.86x the time of DeepSeek's policy alone on the
+        34M-parameter peer model, 0.84x on a 256-wide one, 0.94x on `tiny` (`benchmarks/RESULTS.md`)."""
         if mode == "train":
             return [FuseHeadLossPass(grads="forward"), RematPass(policy="deepseek", kernels=("auto",), keep=True)]
         return super().default_passes(mode)

@@ -22,7 +22,7 @@ activations and unsorted outputs) instead of running the kernels' forward again 
 (`kernel_residuals = ["attention", "experts"]` on the stack). It pays where recomputing costs more than storing.
 `kernels=auto` decides per stack from its shapes, by the rule measured on the CPU (the CPU's default): attention's
 residuals always (its output and one float per head and token, against the whole attention forward: a train step
-2-3% faster on each of three models), the experts' where their forward's FLOPs per byte of residual,
+2-3% faster on `tiny` and on a 256-wide model), the experts' where their forward's FLOPs per byte of residual,
 6 D H / (bytes (2 D + 3 H)) for model width D and expert width H, reach `EXPERT_FLOPS_PER_BYTE` (32): the
 34M-parameter peer model (110) and a 256-wide one (55) were 5-7% faster keeping them, `tiny` (14) 8% slower
 (`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each layer's input).
@@ -61,6 +61,7 @@ LATENT_AXES = ("q_lora", "kv_lora")
 """Logical axes of MLA's compressed latents: a projection out of one is an up-projection."""
 
 _PRINTER_SUFFIX = re.compile(r"_\d+$")
+
 AUTO_KERNELS = "auto"
 """`kernels=auto`: the kernels whose residuals to keep are chosen per stack from its shapes (`auto_kernels`)."""
 
