@@ -14,13 +14,18 @@ from .registry import LoweringContext, register_lowering
 from .tensor import explicit_spec
 
 
+def _token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(negative log-likelihood of each token's label, the log-sum-exp and the one-hot labels it used) for float32
+    logits. The label's logit is a one-hot contraction, not a gather: it stays a local product plus one reduction
+    when the vocabulary is sharded over the tensor axis."""
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.sum(logits * one_hot, axis=-1), lse, one_hot
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean negative log-likelihood of `labels` over the tokens where `mask` is 1."""
-    logits = logits.astype(jnp.float32)
-    # the label's logit as a one-hot contraction, not a gather: it stays a local product plus one reduction when
-    # the vocabulary is sharded over the tensor axis
-    label_logit = jnp.sum(logits * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - label_logit
+    nll, _, _ = _token_nll(logits.astype(jnp.float32), labels)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -53,8 +58,7 @@ def head_loss(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array,
     @jax.checkpoint
     def slice_nll(h_i: jax.Array, labels_i: jax.Array, mask_i: jax.Array) -> jax.Array:
         logits = jnp.matmul(h_i, head.astype(h_i.dtype), preferred_element_type=jnp.float32)
-        label_logit = jnp.sum(logits * jax.nn.one_hot(labels_i, logits.shape[-1], dtype=logits.dtype), axis=-1)
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - label_logit) * mask_i)
+        return jnp.sum(_token_nll(logits, labels_i)[0] * mask_i)
 
     def step(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total + slice_nll(*xs), None
@@ -92,9 +96,7 @@ def _loss_and_grads(h, head, labels, mask, chunks):
     def step(d_head: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         h_i, labels_i, mask_i = xs
         logits = jnp.matmul(h_i, weights, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        one_hot = jax.nn.one_hot(labels_i, logits.shape[-1], dtype=logits.dtype)
-        nll = lse - jnp.sum(logits * one_hot, axis=-1)
+        nll, lse, one_hot = _token_nll(logits, labels_i)
         scale = mask_i.astype(jnp.float32) / tokens
         d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * scale[..., None]).astype(h.dtype)
         d_h = jnp.matmul(d_logits, weights.T, preferred_element_type=jnp.float32)
