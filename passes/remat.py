@@ -24,8 +24,9 @@ activations and unsorted outputs) instead of running the kernels' forward again 
 residuals always (its output and one float per head and token, against the whole attention forward: a train step
 2-3% faster on `tiny` and on a 256-wide model), the experts' where their forward's FLOPs per byte of residual,
 6 D H / (bytes (2 D + 3 H)) for model width D and expert width H, reach `EXPERT_FLOPS_PER_BYTE` (32): the
-34M-parameter peer model (110) and a 256-wide one (55) were 5-7% faster keeping them, `tiny` (14) 8% slower
-(`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each layer's input).
+256-wide model (55) was 5% faster keeping them, the 34M-parameter peer model (110) 7% keeping both kernels', `tiny`
+(14) 8% slower (`benchmarks/RESULTS.md`). Not with `none` (which keeps everything) or `full` (which keeps only each
+layer's input).
 
 `save`, `offload` and `recompute` (comma-separated value names, as the tags print them: `attn,h,c_kv`) override the
 policy for those values: `dsv3-remat{policy=full save=c_kv,k_pe}` keeps only the latents,
