@@ -55,7 +55,7 @@ from xdsl.utils.str_enum import StrEnum
 
 from ..frontend.limits import MAX_MTP_DEPTH
 from .attributes import ShardingAttr
-from .kernels import ATTENTION_KERNELS, EXPERT_KERNELS, Kernel, KernelAttr
+from .kernels import ATTENTION_KERNELS, EXPERT_KERNELS, MATMUL_KERNELS, Kernel, KernelAttr
 from .quant_attr import QuantAttr, check_tiling
 
 DYN = DYNAMIC_INDEX
@@ -611,13 +611,17 @@ class RMSNormOp(_Op):
 @irdl_op_definition
 class MatmulOp(_Op):
     """x[..., k] @ w[k, n]: a Linear layer. The weight is cast to x's dtype; accumulation and the result use the
-    result type's dtype (float32 for the output head)."""
+    result type's dtype (float32 for the output head). `kernel` (`dsv3-kernels{matmul=...}`) says how its weight
+    gradient is computed."""
 
     name = "dsv3.matmul"
     x = operand_def(TensorType)
     w = operand_def(TensorType)
+    kernel = opt_prop_def(KernelAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    KERNELS: ClassVar[tuple[Kernel, ...]] = MATMUL_KERNELS
 
     def __init__(self, x: SSAValue, w: SSAValue, dtype: Attribute | None = None):
         """The result has x's dtype unless `dtype` says otherwise (float32 logits)."""
@@ -629,6 +633,7 @@ class MatmulOp(_Op):
         self.expect(len(ws) == 2, f"weight must be 2-D, got {_fmt(ws)}")
         self.expect(_dims_match(xs[-1], ws[0]), f"contracts {_fmt(xs)} with {_fmt(ws)}: {xs[-1]} != {ws[0]}")
         self.expect(_same_shape(rs, (*xs[:-1], ws[1])), f"result {_fmt(rs)} should be {_fmt((*xs[:-1], ws[1]))}")
+        self.verify_kernel()
 
 
 @irdl_op_definition
@@ -1051,7 +1056,8 @@ class HeadLossOp(_Op):
     float32 logits h @ head against labels, computed `chunks` slices of the sequence at a time so that the full
     [B, S, V] logits never exist. h [B,S,D], head [D,V], labels and mask [B,S]. `grads` says when the gradients of h
     and head are computed (`backward`, the default: the backward pass recomputes each slice's logits; `forward`:
-    alongside the loss). `dsv3-fuse-head-loss` makes it from a `dsv3.matmul` feeding a `dsv3.cross_entropy`."""
+    alongside the loss). `dsv3-fuse-head-loss` makes it from a `dsv3.matmul` feeding a `dsv3.cross_entropy`; `kernel`
+    is the head GEMM's, as that matmul's."""
 
     name = "dsv3.head_loss"
     h = operand_def(TensorType)
@@ -1060,8 +1066,11 @@ class HeadLossOp(_Op):
     mask = operand_def(TensorType)
     chunks = prop_def(IntegerAttr)
     grads = opt_prop_def(HeadLossGradsAttr)
+    kernel = opt_prop_def(KernelAttr)
     result = result_def(TensorType)
     traits = traits_def(Pure())
+
+    KERNELS: ClassVar[tuple[Kernel, ...]] = MATMUL_KERNELS
 
     def __init__(self, h: SSAValue, head: SSAValue, labels: SSAValue, mask: SSAValue, chunks: int,
                  grads: HeadLossGrads = HeadLossGrads.BACKWARD):
@@ -1082,6 +1091,7 @@ class HeadLossOp(_Op):
         self.expect(_dims_match(h[-1], w[0]), f"h width {h[-1]} != head input width {w[0]}")
         self.expect(len(shape_of(self.labels)) == 2 and len(shape_of(self.mask)) == 2, "labels and mask are [B,S]")
         self.expect(self.int_prop("chunks") >= 1, "chunks must be at least 1")
+        self.verify_kernel()
 
 
 CORE_OPS: list[type[IRDLOperation]] = [

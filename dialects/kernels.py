@@ -20,7 +20,8 @@ class Kernel(StrEnum):
     """Every kernel some target can lower an op to. Which ops accept which is each op's `KERNELS`."""
 
     XLA = auto()
-    """Attention in the plain XLA form: f32 scores [B, H, S, T] in memory, fused by XLA as it can."""
+    """The plain XLA form: for attention, f32 scores [B, H, S, T] in memory, fused by XLA as it can; for a matmul,
+    `jnp.matmul` differentiated by JAX."""
     BLOCKWISE = auto()
     """Attention in blocks with an online softmax, in plain JAX (any platform): never holds S x T scores."""
     SPLASH = auto()
@@ -33,10 +34,14 @@ class Kernel(StrEnum):
     """Grouped expert GEMMs over row tiles that each belong to one expert: routed-size work on any platform."""
     MEGABLOX = auto()
     """Grouped expert GEMMs as the Pallas TPU megablox kernel (`gmm`, with `tgmm` for the weight gradient)."""
+    PACKED = auto()
+    """A matmul (or the output head's) whose weight gradient reads the activations from a transposed row-major copy
+    instead of through a transposed GEMM operand, which XLA:CPU's GEMM runs 1.2-2.3x slower."""
 
 
 ATTENTION_KERNELS = (Kernel.XLA, Kernel.BLOCKWISE, Kernel.SPLASH, Kernel.CUDNN)
 EXPERT_KERNELS = (Kernel.RAGGED_DOT, Kernel.TILED, Kernel.MEGABLOX)
+MATMUL_KERNELS = (Kernel.XLA, Kernel.PACKED)
 
 
 @irdl_attr_definition

@@ -126,7 +126,9 @@ class Target:
 
     kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.XLA, "experts": Kernel.RAGGED_DOT}
     """The kernel per op family (`dsv3-kernels` option name) that the target's pipeline chooses."""
-    offers: ClassVar[frozenset[Kernel]] = frozenset({Kernel.XLA, Kernel.BLOCKWISE, Kernel.RAGGED_DOT, Kernel.TILED})
+    offers: ClassVar[frozenset[Kernel]] = frozenset(
+        {Kernel.XLA, Kernel.BLOCKWISE, Kernel.RAGGED_DOT, Kernel.TILED, Kernel.PACKED}
+    )
     """Every kernel the target can lower: plain-JAX kernels run anywhere, Pallas kernels only on their hardware."""
     xla_options: ClassVar[dict[str, Any]] = {}
     """XLA options every compile for the target gets (the IR's `dsv3.schedule` adds its own)."""
@@ -227,7 +229,9 @@ class CpuTarget(Target):
     """This machine's CPU cores. XLA:CPU lowers `lax.ragged_dot` densely (every row through every expert), so the
     experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores."""
 
-    kernels: ClassVar[dict[str, Kernel]] = {"attention": Kernel.BLOCKWISE, "experts": Kernel.TILED}
+    kernels: ClassVar[dict[str, Kernel]] = {
+        "attention": Kernel.BLOCKWISE, "experts": Kernel.TILED, "matmul": Kernel.PACKED,
+    }
 
     def default_passes(self, mode: str) -> list[ModulePass]:
         """Training computes the head's gradients in the forward pass (`dsv3-fuse-head-loss{grads=forward}`: XLA:CPU's

@@ -48,6 +48,8 @@ class FuseHeadLoss(RewritePattern):
         if not isinstance(head, dsv3.MatmulOp):
             return
         fused = dsv3.HeadLossOp(head.x, head.w, op.labels, op.mask, self.chunks, self.grads)
+        if head.kernel is not None:  # the head GEMM's kernel stays the head GEMM's
+            fused.properties["kernel"] = head.kernel
         rewriter.replace(op, fused)
         if not head.result.uses:
             rewriter.erase(head)

@@ -1,6 +1,7 @@
 """`dsv3-kernels`: choose the implementation of each compute-heavy op for the target.
 
-Writes `kernel = #dsv3<kernel NAME>` on every `dsv3.attention` (`attention=`) and `dsv3.experts` (`experts=`), and
+Writes `kernel = #dsv3<kernel NAME>` on every `dsv3.attention` (`attention=`), `dsv3.experts` (`experts=`) and
+`dsv3.matmul` and `dsv3.head_loss` (`matmul=`: how a weight gradient is computed, `packed` on the CPU), and
 the module attribute `dsv3.fp8_backend` (`fp8=`: `exact` emulation, `emulate` on BF16 units, `native` FP8 GEMMs,
 `pallas` the block-scaled FP8 kernels for fine-grained tiles and native FP8 GEMMs for the rest)
 that says how the FP8 GEMMs run. Each target's default pipeline ends with this pass and its own choices
@@ -39,11 +40,14 @@ class KernelsPass(ModulePass):
 
     attention: str = ""
     experts: str = ""
+    matmul: str = ""
     fp8: str = ""
     keep: bool = False
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        choices = {dsv3.AttentionOp: self._kernel("attention"), dsv3.ExpertsOp: self._kernel("experts")}
+        matmul = self._kernel("matmul")
+        choices = {dsv3.AttentionOp: self._kernel("attention"), dsv3.ExpertsOp: self._kernel("experts"),
+                   dsv3.MatmulOp: matmul, dsv3.HeadLossOp: matmul}
         for inner in op.walk():
             kernel = choices.get(type(inner))
             if kernel is None or (self.keep and inner.kernel_choice() is not None):

@@ -67,3 +67,10 @@ def _megablox(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> ja
     from ..kernels.megablox import megablox_gmm
 
     return megablox_gmm(rows, weights, group_sizes)
+
+
+@register_kernel(dsv3.MatmulOp, Kernel.PACKED)
+def _packed(x: jax.Array, w: jax.Array, accumulate) -> jax.Array:
+    from ..kernels.packed_matmul import packed_matmul
+
+    return packed_matmul(x, w, accumulate)

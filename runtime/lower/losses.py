@@ -10,6 +10,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from ...dialects import dsv3
+from ...dialects.kernels import Kernel
+from ..kernels.packed_matmul import packed_matmul, weight_grad
 from .registry import LoweringContext, register_lowering
 from .tensor import explicit_spec
 
@@ -50,14 +52,20 @@ def _divisor(chunks: int, seq: int) -> int:
     return max(c for c in range(1, min(chunks, seq) + 1) if seq % c == 0)
 
 
-def head_loss(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array, chunks: int) -> jax.Array:
+def head_loss(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array, chunks: int,
+              packed: bool = False) -> jax.Array:
     """`cross_entropy(h @ head, labels, mask)` over `chunks` slices of the sequence, each a checkpointed step of a
-    scan: the forward pass keeps no logits, the backward pass recomputes one slice's logits at a time."""
+    scan: the forward pass keeps no logits, the backward pass recomputes one slice's logits at a time. `packed`:
+    the head's gradient from a packed h^T (the `packed` kernel, `runtime/kernels/packed_matmul.py`)."""
     chunks = _divisor(chunks, h.shape[1])
 
     @jax.checkpoint
     def slice_nll(h_i: jax.Array, labels_i: jax.Array, mask_i: jax.Array) -> jax.Array:
-        logits = jnp.matmul(h_i, head.astype(h_i.dtype), preferred_element_type=jnp.float32)
+        weights = head.astype(h_i.dtype)
+        if packed:
+            logits = packed_matmul(h_i, weights, jnp.float32)
+        else:
+            logits = jnp.matmul(h_i, weights, preferred_element_type=jnp.float32)
         return jnp.sum(_token_nll(logits, labels_i)[0] * mask_i)
 
     def step(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
@@ -67,15 +75,16 @@ def head_loss(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array,
     return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_loss_forward_grads(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array, chunks: int):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_loss_forward_grads(h: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array, chunks: int,
+                            packed: bool = False):
     """`head_loss` whose gradients are computed in the forward pass, over `chunks` slices of the sequence: each
     slice's logits give its loss and, at once, the gradient of the mean loss w.r.t. them ((softmax - one-hot) *
     mask / tokens), hence the slice's gradient of h and its share of the head's. The loss is a scalar, so the
     backward pass only scales the two by its cotangent: no logits are kept or recomputed, and XLA never writes the
     logits' gradient transposed for the weight gradient (on XLA:CPU that copy cost more than a third of the head's
-    backward GEMMs)."""
-    return _loss_and_grads(h, head, labels, mask, chunks)[0]
+    backward GEMMs). `packed`: the head's gradient from a packed h^T, as the `packed` kernel computes it."""
+    return _loss_and_grads(h, head, labels, mask, chunks, packed)[0]
 
 
 FORWARD_SLICE_BYTES = 8 * 2**20
@@ -84,7 +93,7 @@ they gain in cache (on XLA:CPU, `tiny`'s 1 MiB of logits in 4 slices took 7% lon
 peer model's 32 MiB in 4 were 3% faster than in one, `benchmarks/RESULTS.md`)."""
 
 
-def _loss_and_grads(h, head, labels, mask, chunks):
+def _loss_and_grads(h, head, labels, mask, chunks, packed):
     """(loss, (d loss / d h, d loss / d head)): GEMMs in h's dtype with float32 accumulation, as `head_loss`. At
     most `chunks` slices, fewer where they would hold less than `FORWARD_SLICE_BYTES` of logits each."""
     batch, seq, _ = h.shape
@@ -100,19 +109,22 @@ def _loss_and_grads(h, head, labels, mask, chunks):
         scale = mask_i.astype(jnp.float32) / tokens
         d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * scale[..., None]).astype(h.dtype)
         d_h = jnp.matmul(d_logits, weights.T, preferred_element_type=jnp.float32)
-        d_head += jnp.einsum("bsd,bsv->dv", h_i, d_logits, preferred_element_type=jnp.float32)
+        if packed:
+            d_head += weight_grad(h_i, d_logits, jnp.float32)
+        else:
+            d_head += jnp.einsum("bsd,bsv->dv", h_i, d_logits, preferred_element_type=jnp.float32)
         return d_head, (jnp.sum(nll * mask_i), d_h)
 
     d_head, (nll, d_h) = lax.scan(step, jnp.zeros(head.shape, jnp.float32), _slices(chunks, h, labels, mask))
     return jnp.sum(nll) / tokens, (_unslice(d_h), d_head)
 
 
-def _forward_grads_fwd(h, head, labels, mask, chunks):
-    loss, (d_h, d_head) = _loss_and_grads(h, head, labels, mask, chunks)
+def _forward_grads_fwd(h, head, labels, mask, chunks, packed):
+    loss, (d_h, d_head) = _loss_and_grads(h, head, labels, mask, chunks, packed)
     return loss, (d_h.astype(h.dtype), d_head.astype(head.dtype))
 
 
-def _forward_grads_bwd(chunks, grads, cotangent):
+def _forward_grads_bwd(chunks, packed, grads, cotangent):
     d_h, d_head = grads
     return (cotangent * d_h).astype(d_h.dtype), (cotangent * d_head).astype(d_head.dtype), None, None
 
@@ -127,6 +139,7 @@ def _head_loss(op: dsv3.HeadLossOp, args, ctx: LoweringContext):
         logits = jnp.matmul(h, head.astype(h.dtype), preferred_element_type=jnp.float32,
                             out_sharding=PartitionSpec(*explicit_spec(h)[:-1], explicit_spec(head)[-1]))
         return [cross_entropy(logits, labels, mask)]
+    packed = op.kernel_choice() == Kernel.PACKED
     if op.grads_when == dsv3.HeadLossGrads.FORWARD:
-        return [head_loss_forward_grads(h, head, labels, mask, op.int_prop("chunks"))]
-    return [head_loss(h, head, labels, mask, op.int_prop("chunks"))]
+        return [head_loss_forward_grads(h, head, labels, mask, op.int_prop("chunks"), packed)]
+    return [head_loss(h, head, labels, mask, op.int_prop("chunks"), packed)]

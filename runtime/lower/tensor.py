@@ -7,9 +7,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from ...dialects import dsv3
+from ...dialects.kernels import Kernel
 from ...dialects.sharding import BATCH_AXES
 from .dtypes import result_dtype
-from .registry import LoweringContext, register_lowering
+from .registry import LoweringContext, kernel_impl, register_kernel, register_lowering
 from .weights import cast_weight
 
 
@@ -67,12 +68,18 @@ def _matmul(op: dsv3.MatmulOp, args, ctx: LoweringContext):
     accumulate = jnp.promote_types(x.dtype, out)
     if ctx.explicit and ctx.mesh is not None:
         # a contraction over a tensor-sharded dimension is ambiguous in explicit mode: the result keeps x's leading
-        # layout and w's output-dimension layout (so row-parallel layers end in a reduction)
+        # layout and w's output-dimension layout (so row-parallel layers end in a reduction). The plain form only:
+        # a kernel's custom VJP would have to type every product of its backward pass the same way.
         layout = PartitionSpec(*explicit_spec(x)[:-1], explicit_spec(w)[-1])
         y = jnp.matmul(x, w, preferred_element_type=accumulate, out_sharding=layout)
     else:
-        y = jnp.matmul(x, w, preferred_element_type=accumulate)
+        y = kernel_impl(op, Kernel.XLA)(x, w, accumulate)
     return [y.astype(out)]
+
+
+@register_kernel(dsv3.MatmulOp, Kernel.XLA)
+def _plain_matmul(x: jax.Array, w: jax.Array, accumulate: jnp.dtype) -> jax.Array:
+    return jnp.matmul(x, w, preferred_element_type=accumulate)
 
 
 @register_lowering(dsv3.TransposeOp)
