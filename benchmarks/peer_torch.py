@@ -14,15 +14,18 @@ exactly the same weights. The f32 logits of both are compared first (parity), th
 
 Why torch runs elsewhere: torch and transformers are not dsv3c dependencies, so the benchmark makes its own virtual
 environment once (`--venv`, default /tmp/dsv3c-peer-venv) and runs `peer_torch_worker.py` there, one subprocess per
-measurement, which prints JSON. The two frameworks never run at the same time; for each row torch goes first, then
-dsv3c in this process.
+measurement, which prints JSON. The two frameworks never run at the same time, but their timed calls alternate:
+torch's worker, warmed up, times one call when the driver asks, then dsv3c times one in this process, and so on. On
+a shared host the machine's speed drifts (both sides' train steps ran 30% faster twenty minutes apart on this one),
+so timing one side after the other would measure the host as much as the frameworks.
 
-Timing: one warm-up call (dsv3c's includes the jit compile; `compile` + first call is reported as compile time), then
-up to `--reps` timed calls, fewer once they add up to `--budget` seconds (at least one: that keeps the slow torch bf16
-rows within the run's time); tokens/s is from the median wall time. Process CPU time (all threads) is recorded too
-and printed as tokens per CPU-second: on a shared machine wall time also counts the waiting for a core. The rss row
-runs first, while the driver is still small: ru_maxrss is inherited through fork and exec, so a child of a big
-process would report its parent's peak (each child's VmHWM is printed as the cross-check).
+Timing: one warm-up call each (dsv3c's includes the jit compile; `compile` + first call is reported as compile
+time), then up to `--reps` timed calls each, fewer once either side's add up to `--budget` seconds (at least one:
+that keeps the slow torch bf16 rows within the run's time); tokens/s is from the median wall time. Process CPU time
+(all threads) is recorded too and printed as tokens per CPU-second: on a shared machine wall time also counts the
+waiting for a core. The rss row runs first, while the driver is still small: ru_maxrss is inherited through fork
+and exec, so a child of a big process would report its parent's peak (each child's VmHWM is printed as the
+cross-check).
 
 Why the torch worker gets OMP_WAIT_POLICY=PASSIVE by default: torch's OpenMP threads spin at every barrier, and on a
 machine whose load is above its core count a spinning thread holds a core that its sibling needs; on this 2-core
@@ -154,6 +157,46 @@ def ensure_venv(venv: Path) -> dict[str, Any]:
     return info
 
 
+class ServedWorker:
+    """A torch worker started with `bench --serve`: warmed up, it times one call per `call()`, so that the two
+    sides' timed calls alternate. Its stderr (transformers' progress bars) goes to a file, not a pipe that could
+    fill up and stall it."""
+
+    def __init__(self, venv: Path, args: list[str], env: dict[str, str]):
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([str(venv / "bin" / "python"), str(WORKER), *args, "--serve"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                      text=True, env={**os.environ, **env})
+        self.spent = 0.0  # wall seconds of the timed calls so far
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self._proc.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"torch worker failed:\n{self._stderr.read()[-3000:]}")
+
+    def _send(self, line: str) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+
+    def call(self) -> None:
+        self._send("call")
+        self.spent += self._read()["wall_s"]
+
+    def finish(self) -> dict[str, Any]:
+        """The worker's result (as `bench` without `--serve` prints it), once it has stopped."""
+        self._send("done")
+        result = self._read()
+        self._proc.wait()
+        self._stderr.close()
+        return result
+
+
 def worker(venv: Path, args: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
     """Runs the worker in the venv and returns the JSON of its last stdout line."""
     cmd = [str(venv / "bin" / "python"), str(WORKER), *args]
@@ -174,23 +217,31 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def measure(prepare: Callable[[], Callable[[], Any]], reps: int, budget: float) -> dict[str, Any]:
-    """Compiles (`prepare` returns the call to time), warms up once, then times up to `reps` calls, fewer once they
-    add up to `budget` seconds (at least one), as the torch worker does: wall and process CPU seconds of each.
-    `compile_s` is `dsv3c.compile` plus the first call (the jit's own compile on first use)."""
+def measure(prepare: Callable[[], Callable[[], Any]], reps: int, budget: float, torch_side: ServedWorker
+            ) -> dict[str, Any]:
+    """Compiles (`prepare` returns the call to time), warms up once, then times up to `reps` calls, each right
+    after one of the torch worker's, fewer once either side's add up to `budget` seconds (at least one): wall and
+    process CPU seconds of each. `compile_s` is `dsv3c.compile` plus the first call (the jit's own compile on
+    first use)."""
     clock = time.perf_counter()
     run = prepare()
     compiled = time.perf_counter() - clock
     clock = time.perf_counter()
     run()
     first = time.perf_counter() - clock
-    times, cpu = time_calls(run, reps, budget)
+    times: list[float] = []
+    cpu: list[float] = []
+    while len(times) < reps and not (times and max(sum(times), torch_side.spent) >= budget):
+        torch_side.call()
+        wall, used = time_calls(run, 1, 0.0)
+        times += wall
+        cpu += used
     return {"compile_s": compiled + first, "compile_call_s": compiled, "first_s": first, "times_s": times,
             "cpu_s": cpu, "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu)}
 
 
 def dsv3c_forward(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], tokens: np.ndarray, reps: int,
-                  budget: float) -> dict:
+                  budget: float, torch_side: ServedWorker) -> dict:
     """`Program.forward` on int32 [B, S]: logits of every position."""
 
     def prepare() -> Callable[[], Any]:
@@ -198,7 +249,7 @@ def dsv3c_forward(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], tokens: n
         ids = jnp.asarray(tokens)
         return lambda: block(prog.forward(params, ids))
 
-    return {**measure(prepare, reps, budget), "tokens_counted": tokens.size}
+    return {**measure(prepare, reps, budget, torch_side), "tokens_counted": tokens.size}
 
 
 def train_state(prog: dsv3c.Program, params: dict[str, jax.Array]) -> dict[str, Any]:
@@ -216,7 +267,7 @@ def train_state(prog: dsv3c.Program, params: dict[str, jax.Array]) -> dict[str, 
 
 
 def dsv3c_train(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], tokens: np.ndarray, reps: int,
-                budget: float) -> dict:
+                budget: float, torch_side: ServedWorker) -> dict:
     """`Program.train_step` on int32 [B, S+1] (the state is donated, so each step feeds the next)."""
     holder: dict[str, Any] = {}
 
@@ -232,12 +283,12 @@ def dsv3c_train(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], tokens: np.
 
         return step
 
-    result = measure(prepare, reps, budget)
+    result = measure(prepare, reps, budget, torch_side)
     return {**result, "tokens_counted": tokens.shape[0] * (tokens.shape[1] - 1), "losses": holder["losses"]}
 
 
 def dsv3c_decode(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], prompts: np.ndarray, reps: int,
-                 budget: float) -> dict:
+                 budget: float, torch_side: ServedWorker) -> dict:
     """`Program.generate`, greedy, `NEW` tokens after each prompt (one jitted prefill + decode loop); the tokens of
     the last call are returned too, to compare with transformers'."""
     holder: dict[str, np.ndarray] = {}
@@ -250,7 +301,7 @@ def dsv3c_decode(spec: dsv3c.ModelSpec, params: dict[str, jax.Array], prompts: n
 
         return generate
 
-    result = measure(prepare, reps, budget)
+    result = measure(prepare, reps, budget, torch_side)
     return {**result, "tokens_counted": prompts.shape[0] * NEW, "generated": holder["tokens"]}
 
 
@@ -327,7 +378,7 @@ def tokens_file(directory: Path, name: str, shape: tuple[int, ...], seed: int) -
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the model, measures peak RSS (first: see there), checks parity, then measures every requested
-    (row, dtype), torch first, dsv3c second."""
+    (row, dtype), the two sides' timed calls alternating."""
     rows = [r for r in args.rows.split(",") if r]
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [r for r in rows if r not in ROWS] + [d for d in dtypes if d not in DTYPES]
@@ -392,7 +443,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 imported[dtype] = (spec, {k: jnp.asarray(v) for k, v in params.items()})
             return imported[dtype]
 
-        budget = ["--reps", str(args.reps), "--budget", str(args.budget)]
         plan: list[tuple[str, str, str, Any]] = []
         for row in rows:
             if row == "forward":
@@ -405,15 +455,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tokens = inputs[name]
             label = f"{row} {dtype} {'x'.join(map(str, tokens.shape))}"
             load = os.getloadavg()[0]
-            log(f"{label}: torch")
-            theirs = worker(Path(args.venv), ["bench", "--dir", str(directory), "--row", row, "--dtype", dtype,
-                                              "--tokens", name, "--new-tokens", str(NEW), *budget, *common],
-                            torch_env)
-            log(f"{label}: torch {theirs['tokens_per_s']:.1f} tok/s; dsv3c")
+            log(f"{label}: torch warm-up")
+            torch_side = ServedWorker(Path(args.venv), ["bench", "--dir", str(directory), "--row", row, "--dtype",
+                                                        dtype, "--tokens", name, "--new-tokens", str(NEW), *common],
+                                      torch_env)
+            log(f"{label}: dsv3c compile, then alternate timed calls")
             spec, params = weights(dtype)
-            mine = ours(spec, params, tokens, args.reps, args.budget)
+            mine = ours(spec, params, tokens, args.reps, args.budget, torch_side)
             mine["tokens_per_s"] = mine["tokens_counted"] / mine["median_s"]
-            log(f"{label}: dsv3c {mine['tokens_per_s']:.1f} tok/s")
+            theirs = torch_side.finish()
+            log(f"{label}: torch {theirs['tokens_per_s']:.1f} tok/s, dsv3c {mine['tokens_per_s']:.1f} tok/s")
             result = {"row": row, "dtype": dtype, "shape": list(tokens.shape), "load_1m": load, "dsv3c": mine,
                       "torch": theirs}
             if "generated" in mine:

@@ -2,12 +2,17 @@
 
 It runs in the benchmark's own virtual environment (torch and transformers are not dsv3c dependencies, and dsv3c's
 JAX is not needed here), one subprocess per measurement, and prints one JSON object as its last line of stdout. Why
-a subprocess per measurement: each row starts from the same clean process state, the two frameworks never share the
-2 cores at the same time, and the peak-RSS row needs a fresh process anyway.
+a subprocess per measurement: each row starts from the same clean process state, and the peak-RSS row needs a
+fresh process anyway.
 
     python peer_torch_worker.py build --dir D --config '{...}' --seed 0      # random model -> D (safetensors)
     python peer_torch_worker.py bench --dir D --row forward --dtype f32 --reps 3 --threads 2
+    python peer_torch_worker.py bench --dir D --row train --serve             # one timed call per `call` line
     python peer_torch_worker.py rss --dir D --threads 2                       # peak RSS of 3 f32 train steps
+
+`--serve` is how the driver alternates the two frameworks' timed calls: after its warm-up the worker prints
+`{"ready": true}`, then times one call for each `call` line on stdin (printing its wall seconds) until `done`, and
+then prints its result as `bench` does.
 
 Inputs (token arrays) are `.npy` files that the driver writes into D, so both sides see exactly the same tokens.
 """
@@ -158,15 +163,27 @@ def decode_fn(model: DeepseekV3ForCausalLM, prompts: torch.Tensor, new_tokens: i
     return run, lambda: generate(WARMUP_NEW_TOKENS)
 
 
-def timed(run, reps: int, budget: float, warmup=None) -> tuple[float, list[float], list[float]]:
-    """(seconds of the warm-up call, wall and process-CPU seconds of each timed call). The warm-up (`run` itself
-    unless a cheaper call on the same code paths is given), which pays for lazy initialisation and allocator
-    growth, is left out of the median; the timed calls are `timing.time_calls`'."""
+def warm_up(run, warmup=None) -> float:
+    """Seconds of the warm-up call (`run` itself unless a cheaper call on the same code paths is given), which pays
+    for lazy initialisation and allocator growth and is left out of the median."""
     clock = time.perf_counter()
     (warmup or run)()
-    first = time.perf_counter() - clock
-    times, cpu = time_calls(run, reps, budget)
-    return first, times, cpu
+    return time.perf_counter() - clock
+
+
+def served_calls(run) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of one call per `call` line on stdin, until any other line."""
+    emit({"ready": True})
+    times: list[float] = []
+    cpu: list[float] = []
+    for line in sys.stdin:
+        if line.strip() != "call":
+            break
+        wall, used = time_calls(run, 1, 0.0)
+        times += wall
+        cpu += used
+        emit({"wall_s": wall[0]})
+    return times, cpu
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -183,7 +200,8 @@ def bench(args: argparse.Namespace) -> None:
     else:
         run, warmup = decode_fn(model, tokens, args.new_tokens)
         counted = tokens.shape[0] * args.new_tokens
-    first, times, cpu = timed(run, args.reps, args.budget, warmup)
+    first = warm_up(run, warmup)
+    times, cpu = served_calls(run) if args.serve else time_calls(run, args.reps, args.budget)
     median = statistics.median(times)
     result: dict[str, Any] = {
         "tokens_per_s": counted / median, "median_s": median, "times_s": times, "first_s": first,
@@ -238,6 +256,7 @@ def main() -> None:
             p.add_argument("--reps", type=int, default=3)
             p.add_argument("--budget", type=float, default=45.0, help="stop timing once the calls add up to this")
             p.add_argument("--new-tokens", type=int, default=128)
+            p.add_argument("--serve", action="store_true", help="time one call per `call` line on stdin")
     args = parser.parse_args()
     {"build": build, "bench": bench, "rss": rss}[args.cmd](args)
 
