@@ -227,7 +227,9 @@ class Target:
 @dataclass(frozen=True)
 class CpuTarget(Target):
     """This machine's CPU cores. XLA:CPU lowers `lax.ragged_dot` densely (every row through every expert), so the
-    experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores."""
+    experts use row tiles; attention runs blockwise so that long sequences never hold S x S scores; weight
+    gradients read a packed transposed copy of the activations, which XLA:CPU's GEMM runs faster than a transposed
+    operand (a train step of the 34M-parameter peer model 8% faster on one core, `benchmarks/RESULTS.md`)."""
 
     kernels: ClassVar[dict[str, Kernel]] = {
         "attention": Kernel.BLOCKWISE, "experts": Kernel.TILED, "matmul": Kernel.PACKED,
