@@ -10,6 +10,10 @@ CPU time (all threads) of `repeats` calls in ms for: one dense [T, K] x [K, N] G
 grouped GEMM would cost), ragged_dot, and the tiled kernel at each tile size (0: its default `tile_rows`), then the
 ratios ragged / tiled and tiled / dense. Forward + backward is one `jax.vjp` call (the output and both cotangents).
 The kernel is loaded by path: it needs only JAX.
+
+`--decode LxRxKxNxG` times instead a decode step's case: R rows (R <= G) through L layers of stacked expert weights
+[L, G, K, N] in one `lax.scan`, as a model's layer stack runs them, with the kernel's per-row form (each row's weights
+gathered) against its group loop on the same rows, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -75,6 +79,24 @@ def forward_backward(gemm: Callable) -> Callable:
     return jax.jit(run)
 
 
+def decode_in_scan(layers: int, rows: int, k: int, n: int, groups: int, repeats: int) -> None:
+    """Per-row form against the group loop for R <= G rows inside a scan over the layers' stacked weights: the loop's
+    weights operand is a copy of the layer's whole [G, K, N] slice, the per-row gather reads only the rows' groups."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((rows, k)) / np.sqrt(k), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((layers, groups, k, n)), jnp.float32)
+    sizes = jnp.asarray(np.bincount(rng.choice(groups, rows, replace=False), minlength=groups), jnp.int32)
+    tile = kernel.TILES[-1]
+    forms = {"group loop": lambda a, b: kernel._grouped_gemm(a, b, sizes, tile),
+             "per row": lambda a, b: kernel.tiled_grouped_gemm(a, b, sizes)}
+    times = {}
+    for name, gemm in forms.items():
+        step = jax.jit(lambda h, stack, gemm=gemm: lax.scan(lambda c, wl: (c + gemm(c, wl)[:, :1], None), h, stack)[0])
+        times[name] = timed(step, x, w, repeats=repeats)
+        print(f"decode {layers}x{rows}x{k}x{n}x{groups} {name:>10}: {times[name]:7.3f} CPU ms", flush=True)
+    print(f"group loop / per row: {times['group loop'] / times['per row']:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated TxKxNxGxTOPK")
@@ -82,7 +104,11 @@ def main() -> None:
     parser.add_argument("--tiles", default="0", help="comma-separated tile sizes of the kernel (0: its default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-ragged", action="store_true", help="time only the dense GEMM and the kernel")
+    parser.add_argument("--decode", default=None, help="LxRxKxNxG: per-row form against the group loop in a scan")
     args = parser.parse_args()
+    if args.decode:
+        decode_in_scan(*(int(v) for v in args.decode.split("x")), repeats=args.repeats)
+        return
     dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
     tiles = [int(t) for t in args.tiles.split(",")]
 

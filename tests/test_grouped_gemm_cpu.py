@@ -77,6 +77,23 @@ def test_bfloat16_stays_bfloat16_and_is_rounded_float32(case):
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=1e-2, atol=2e-2, err_msg=name)
 
 
+FEW = {"spread": [1, 0, 2, 0, 1, 1, 0, 1], "trailing-rows": [0, 3, 0, 0, 0, 0, 1, 0], "no-rows": [0] * 8}
+"""Six rows over eight groups (a decode step's rows): the per-row form, which gathers each row's weights."""
+
+
+@pytest.mark.parametrize("case", FEW)
+def test_no_more_rows_than_groups_equal_ragged_dot(case):
+    rng = np.random.default_rng(2)
+    x, d_out = (jnp.asarray(rng.standard_normal((6, n)), jnp.float32) for n in (K, N))
+    w = jnp.asarray(rng.standard_normal((8, K, N)), jnp.float32)
+    sizes = jnp.asarray(FEW[case], jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        ours, ref = _tiled(x, w, sizes, d_out, 16), _reference(x, w, sizes, d_out)
+    for name, a, b in zip(("out", "d_rows", "d_weights"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert not np.any(np.asarray(ours[0])[sum(FEW[case]):]), "rows past the groups must be zero"
+
+
 def test_inside_scanned_checkpointed_layers():
     """Two layers' weights scanned over, each layer under `jax.checkpoint`: the loss and its gradients (input and
     both layers' weights) equal those of ragged_dot in the same structure."""

@@ -17,6 +17,12 @@ Differentiation is a custom VJP of the same shape: d(rows) is the same loops wit
 output dimension, d(weights) sums each group's (window^T . d(out) window) products. A loop with a traced trip count
 (a `while`) cannot be reverse-differentiated by JAX itself, hence the custom VJP.
 
+With no more rows than groups (a decode step: batch x top-k rows), the loops give way to a per-row form: each row's
+group's weights gathered and one batched product. Inside a layer scan the loops' weights operand is a copy of the
+layer's whole expert stack, where XLA fuses the gather with the scan's slice and reads only the chosen experts'
+weights: 9.7x less time for four rows over a three-layer [16, 512, 256] stack (`benchmarks/grouped_gemm_cpu.py
+--decode 3x4x512x256x16`), and batch-1 decoding of the peer model 2.5x faster.
+
 Rows past sum(group_sizes) belong to no group: their output and their gradient are zero, as with `lax.ragged_dot`.
 Products are accumulated in float32 with float32 operands (XLA:CPU has no bf16 x bf16 -> f32 dot in every case), and
 the result is cast to the rows' dtype.
@@ -58,6 +64,18 @@ def _window(start: jax.Array, end: jax.Array, group: jax.Array, index: jax.Array
     """(first row of the group's `index`-th window, [tile] mask of the rows in it that are the group's own)."""
     first = start[group] + index * tile
     return first, first + jnp.arange(tile, dtype=jnp.int32) < end[group]
+
+
+def _per_row(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """No more rows than groups (a decode step): each row times its own group's weights, gathered. XLA fuses that
+    gather with the layer scan's slice of the stacked weights, so only the chosen groups' weights are read; the group
+    loop's operand would be a copy of every group's (measured: 8x less time for one [16, 512, 256] stack of a
+    three-layer scan, four rows). Plain JAX, differentiated by JAX."""
+    groups = weights.shape[0]
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
+    w = weights[jnp.minimum(group, groups - 1)].astype(jnp.float32)
+    y = jnp.einsum("rk,rkn->rn", rows.astype(jnp.float32), w)
+    return jnp.where((group < groups)[:, None], y, 0).astype(rows.dtype)
 
 
 def _pad_rows(x: jax.Array, tile: int) -> jax.Array:
@@ -148,5 +166,7 @@ def tiled_grouped_gemm(
         raise ValueError(f"rows {rows.shape} and weights {weights.shape} are not [T, K] and [G, K, N]")
     if group_sizes.shape != (weights.shape[0],):
         raise ValueError(f"group sizes {group_sizes.shape} do not match {weights.shape[0]} groups")
+    if rows.shape[0] <= weights.shape[0]:
+        return _per_row(rows, weights, group_sizes)
     tile = tile or tile_rows(rows.shape[0], weights.shape[0])
     return _grouped_gemm(rows, weights, group_sizes, tile)
