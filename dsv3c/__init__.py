@@ -14,6 +14,11 @@ from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
+from .runtime.host_memory import keep_freed_host_memory
+
+# Before anything loads JAX (nothing above does): XLA:CPU's threads pick their allocator arenas when they first
+# allocate.
+HOST_MALLOC_TUNED = keep_freed_host_memory()
 
 if TYPE_CHECKING:
     from .planner import PlanRow, plan
