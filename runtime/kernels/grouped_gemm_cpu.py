@@ -111,16 +111,20 @@ def _apply(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, tile: in
 
 def _weight_grad(rows: jax.Array, d_out: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
     """dW[g] = sum over rows r of group g of rows[r]^T d_out[r]: [G, K, N] in float32, each group's sum carried
-    through its windows and written once."""
-    x, dy = _pad_rows(rows, tile), _pad_rows(d_out, tile)
+    through its windows and written once. The rows are transposed once, behind a barrier that keeps XLA from folding
+    the transpose back into each window's product: XLA:CPU's GEMM runs [K, tile] x [tile, N] faster than a product
+    contracting both operands' major axis (a weight gradient over 4,096 rows in 16 groups, one core, interleaved
+    calls: 16.4 against 19.4 ms at 512 x 256, 15.7 against 15.5 at 256 x 512)."""
+    x_t = lax.optimization_barrier(_pad_rows(rows, tile).T)
+    dy = _pad_rows(d_out, tile)
     groups = group_sizes.shape[0]
     start, end = _group_rows(group_sizes, rows.shape[0])
 
     def group(g, dw):
         def window(index, total):
             first, own = _window(start, end, g, index, tile)
-            x_tile = jnp.where(own[:, None], lax.dynamic_slice_in_dim(x, first, tile), 0).astype(jnp.float32)
-            return total + x_tile.T @ lax.dynamic_slice_in_dim(dy, first, tile).astype(jnp.float32)
+            x_tile = jnp.where(own[None, :], lax.dynamic_slice_in_dim(x_t, first, tile, axis=1), 0)
+            return total + x_tile.astype(jnp.float32) @ lax.dynamic_slice_in_dim(dy, first, tile).astype(jnp.float32)
 
         total = lax.fori_loop(0, _windows(start, end, g, tile), window, jnp.zeros(dw.shape[1:], jnp.float32))
         return lax.dynamic_update_index_in_dim(dw, total, g, 0)
