@@ -38,6 +38,7 @@ from .pipeline_report import pipeline_report
 from .report import attach_roofline, build_report, model_dims, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.ema import EMA, device_shardings
+from .runtime.host_memory import trim_after_compiles
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
 from .runtime.optimizer import make_optimizer, optimizer_op
@@ -57,6 +58,8 @@ from .runtime.xla import OutOfDeviceMemory, compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
+
+trim_after_compiles()  # every program this module compiles leaves the compiler's freed memory to its buffers
 Source = ModelSpec | ModuleOp | str | Path
 
 
