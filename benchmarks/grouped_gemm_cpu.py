@@ -9,7 +9,6 @@ experts uniformly at random; the rows are sorted by expert as `routed_experts` s
 CPU time (all threads) of `repeats` calls in ms for: one dense [T, K] x [K, N] GEMM (the routed size: what a perfect
 grouped GEMM would cost), ragged_dot, and the tiled kernel at each tile size (0: its default `tile_rows`), then the
 ratios ragged / tiled and tiled / dense. Forward + backward is one `jax.vjp` call (the output and both cotangents).
-The kernel is loaded by path: it needs only JAX.
 
 `--decode LxRxKxNxG` times instead a decode step's case: R rows (R <= G) through L layers of stacked expert weights
 [L, G, K, N] in one `lax.scan`, as a model's layer stack runs them, with the kernel's per-row form (each row's weights
@@ -19,30 +18,20 @@ gathered) against its group loop on the same rows, and prints the ratio.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dsv3c.runtime.kernels import grouped_gemm_cpu as kernel
+
 SHAPES = "8192x512x256x16x4,8192x512x512x16x4,4096x512x256x64x8,2048x256x128x256x8"
 """batch 4 x seq 512 x top-4 on 16 experts (two expert widths), then top-8 over 64 and 256 experts scaled down."""
 
-
-def _kernel_module():
-    path = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "grouped_gemm_cpu.py"
-    spec = importlib.util.spec_from_file_location("grouped_gemm_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kernel = _kernel_module()
 
 
 def timed(fn: Callable, *args, repeats: int) -> float:

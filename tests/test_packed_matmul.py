@@ -55,6 +55,34 @@ def test_bf16_operands_accumulate_in_float32_as_the_plain_form():
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_products_read_transposed_compile_and_equal_numpy():
+    """A bf16 x bf16 -> f32 product whose consumer reads it transposed: XLA would lay the product out transposed,
+    which its fallback GEMM (DotThunk) cannot run in bf16 (`UNIMPLEMENTED`); the kernel's products keep row-major
+    results. Both the output and the weight gradient are read transposed here."""
+    x, w, d_y = _problem((64,), 32, 48, seed=3)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+    @jax.jit
+    def transposed(a, b, d):
+        y, pullback = jax.vjp(lambda u, v: packed_matmul(u, v, jnp.float32), a, b)
+        return y.T * 2.0, pullback(d)[1].T * 2.0
+
+    y_t, d_w_t = transposed(xb, wb, jnp.asarray(d_y))
+    x64, w64, dy64 = (np.float64(np.float32(a)) for a in (xb, wb, jnp.asarray(d_y, jnp.bfloat16)))
+    np.testing.assert_allclose(y_t, 2 * (x64 @ w64).T, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.float32(d_w_t), 2 * (x64.T @ dy64).T, rtol=2e-2, atol=5e-2)
+
+
+def test_the_bf16_weight_gradient_multiplies_bf16_operands():
+    """The packed x^T keeps bf16 operands bf16 (a 2-D transpose would have XLA:CPU widen both to f32, at f32
+    speed): the weight gradient's GEMM takes two bf16 operands."""
+    x, w, d_y = _problem((64,), 32, 48, seed=4)
+    x, w, d_y = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), jnp.asarray(d_y)
+    grad = jax.jit(lambda a, b, d: jax.vjp(lambda v: packed_matmul(a, v, jnp.float32), b)[1](d)[0])
+    text = grad.lower(x, w, d_y).compile().as_text()
+    assert re.search(r"\(param_0[.\d]*: bf16\[32,64\], param_1[.\d]*: bf16\[64,48\]\) -> f32\[32,48\]", text)
+
+
 def _dot_contractions(fn, *args) -> list[str]:
     """The lhs contracting dimensions of every dot XLA:CPU compiles for `fn`."""
     text = jax.jit(fn).lower(*args).compile().as_text()
