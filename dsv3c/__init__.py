@@ -8,17 +8,20 @@ imported on first use, so that `dsv3c opt` and the other IR-only paths start wit
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .frontend.builder import build_ir
 from .frontend.errors import SpecError, UserError
 from .frontend.parser import load, parse
 from .frontend.spec import ModelSpec
-from .runtime.host_memory import keep_freed_host_memory
+from .runtime.host_memory import configure_jax, keep_freed_host_memory
 
 # Before anything loads JAX (nothing above does): XLA:CPU's threads pick their allocator arenas when they first
-# allocate.
+# allocate. JAX itself is configured when a module that runs programs loads it, or now if the caller already has.
 HOST_MALLOC_TUNED = keep_freed_host_memory()
+if "jax" in sys.modules:
+    configure_jax()
 
 if TYPE_CHECKING:
     from .planner import PlanRow, plan

@@ -38,7 +38,7 @@ from .pipeline_report import pipeline_report
 from .report import attach_roofline, build_report, model_dims, model_flops
 from .runtime.decode import Decoder, Generation, attention_flops, cache_infos, kv_cache_report
 from .runtime.ema import EMA, device_shardings
-from .runtime.host_memory import trim_after_compiles
+from .runtime.host_memory import configure_jax
 from .runtime.init import init_params
 from .runtime.model import param_infos, run_model
 from .runtime.optimizer import make_optimizer, optimizer_op
@@ -59,7 +59,7 @@ from .targets import PipelineRequest, Target, resolve_target
 
 MODES = ("train", "forward", "prefill", "decode")
 
-trim_after_compiles()  # every program this module compiles leaves the compiler's freed memory to its buffers
+configure_jax()  # before any program runs: see runtime/host_memory.py
 Source = ModelSpec | ModuleOp | str | Path
 
 
