@@ -12,12 +12,14 @@ Without trimming, what XLA's compiler frees would stay in the heap, in pieces to
 which would then extend the heap past it (peak RSS of the peer model's compile and 3 train steps: 2,042 MiB against
 1,768 with glibc's defaults). So after each XLA compile the heap's free pages are handed back (`malloc_trim`, on
 JAX's compile event): the buffers then reuse that address range and fault it in once (1,291 MiB, and still no faults
-in the steps). One cost remains: when a call's temporaries are allocated before the previous call's are freed, the
-heap grows by their size once more (a small jitted program: 476 -> 604 MiB over 300 calls; the peer model's train
-step, whose state is donated: no growth over 40 steps).
+in the steps). And a call's temporaries must be freed before the next call allocates its own, or the heap grows by
+their size once more, which JAX's asynchronous CPU dispatch allowed (freeing on XLA's thread after the results are
+ready): so XLA:CPU programs on one device run inline (`configure_jax`).
 
-The settings must be made before JAX starts its CPU client (threads that have allocated keep their own arenas), so
-`import dsv3c` makes them, before it loads JAX; `DSV3C_SYSTEM_MALLOC=1` leaves glibc's defaults.
+The allocator settings must be made before JAX starts its CPU client (threads that have allocated keep their own
+arenas), so `import dsv3c` makes them, before it loads JAX; JAX's are made when `dsv3c.program` loads it, or at
+`import dsv3c` if JAX is already loaded, in either case before a program runs. `DSV3C_SYSTEM_MALLOC=1` leaves both
+as they are.
 """
 
 from __future__ import annotations
