@@ -57,9 +57,9 @@ from .runtime.train import TrainState, make_eval_step, make_loss_and_grads, make
 from .runtime.xla import OutOfDeviceMemory, compile_with_buffers
 from .targets import PipelineRequest, Target, resolve_target
 
-MODES = ("train", "forward", "prefill", "decode")
-
 configure_jax()  # before any program runs: see runtime/host_memory.py
+
+MODES = ("train", "forward", "prefill", "decode")
 Source = ModelSpec | ModuleOp | str | Path
 
 

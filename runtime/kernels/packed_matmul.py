@@ -40,7 +40,7 @@ def packed_transpose(x: jax.Array) -> jax.Array:
     return lax.optimization_barrier(view.reshape(width, tokens))
 
 
-def product(a: jax.Array, b: jax.Array, accumulate: jnp.dtype) -> jax.Array:
+def _product(a: jax.Array, b: jax.Array, accumulate: jnp.dtype) -> jax.Array:
     """a . b in `accumulate`, summed in at least float32: with bf16 operands XLA:CPU's GEMM (YNNPACK) then runs its
     bf16 x bf16 -> f32 kernel, about twice its f32 speed on a CPU with AVX512-BF16, where a bf16 result runs at f32
     speed (`benchmarks/RESULTS.md`), and the sum is the more accurate one.
@@ -57,14 +57,14 @@ def product(a: jax.Array, b: jax.Array, accumulate: jnp.dtype) -> jax.Array:
 
 def weight_grad(x: jax.Array, d_y: jax.Array, accumulate: jnp.dtype) -> jax.Array:
     """x^T . d_y over every leading dimension: [K, N] for x [..., K] and d_y [..., N], from row-major operands."""
-    return product(packed_transpose(x), d_y.reshape(-1, d_y.shape[-1]).astype(x.dtype), accumulate)
+    return _product(packed_transpose(x), d_y.reshape(-1, d_y.shape[-1]).astype(x.dtype), accumulate)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def packed_matmul(x: jax.Array, w: jax.Array, accumulate: jnp.dtype) -> jax.Array:
     """`jnp.matmul(x, w, preferred_element_type=accumulate)` for x [..., K] and w [K, N], with the weight gradient
     computed from a packed x^T."""
-    return product(x, w, accumulate)
+    return _product(x, w, accumulate)
 
 
 def _forward(x: jax.Array, w: jax.Array, accumulate: jnp.dtype) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -73,7 +73,7 @@ def _forward(x: jax.Array, w: jax.Array, accumulate: jnp.dtype) -> tuple[jax.Arr
 
 def _backward(accumulate: jnp.dtype, residuals: tuple[jax.Array, jax.Array], d_y: jax.Array):
     x, w = residuals
-    d_x = product(d_y, w.T.astype(d_y.dtype), accumulate).astype(x.dtype)
+    d_x = _product(d_y, w.T.astype(d_y.dtype), accumulate).astype(x.dtype)
     return d_x, weight_grad(x, d_y, accumulate).astype(w.dtype)
 
 
