@@ -75,7 +75,8 @@ def _per_row(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax
     gather with the layer scan's slice of the stacked weights, so only the chosen groups' weights are read; the group
     loop's operand would be a copy of every group's (see the module's docstring). Plain JAX, differentiated by JAX."""
     groups = weights.shape[0]
-    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
+    _, end = _group_rows(group_sizes, rows.shape[0])
+    group = jnp.searchsorted(end, jnp.arange(rows.shape[0]), side="right")
     w = weights[jnp.minimum(group, groups - 1)].astype(jnp.float32)
     y = jnp.einsum("rk,rkn->rn", rows.astype(jnp.float32), w)  # batched GEMVs: DotThunk's, so float32 operands
     return jnp.where((group < groups)[:, None], y, 0).astype(rows.dtype)
