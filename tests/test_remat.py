@@ -149,9 +149,9 @@ def _saved_names(f, *args, kernel: str, capsys) -> set[str]:
 
 def test_saving_kernel_residuals_keeps_what_the_kernels_backward_reads(capsys) -> None:
     """With `kernels=attention,experts` backward reads the blockwise attention's output and log-sum-exp and the
-    routed experts' sort, sorted rows, group sizes and hidden activations instead of running their forwards again
-    (the gradients are those without recompute: above). The stacks say so in the IR, and the verifier refuses it
-    where the policy keeps nothing."""
+    routed experts' sort and its inverse, sorted rows, group sizes and hidden activations instead of running their
+    forwards again (the gradients are those without recompute: above). The stacks say so in the IR, and the
+    verifier refuses it where the policy keeps nothing."""
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
     attention = _saved_names(lambda *qkv: blockwise_attention(*qkv, 0.25).sum(), normal(1, 64, 2, 8),
@@ -162,7 +162,7 @@ def test_saving_kernel_residuals_keeps_what_the_kernels_backward_reads(capsys) -
     experts = _saved_names(
         lambda x, *w: routed_experts(x, jnp.ones((2, 8, 2)), indices, *w, tiled_grouped_gemm).sum(),
         normal(2, 8, 16), normal(4, 16, 8), normal(4, 16, 8), normal(4, 8, 16), kernel="experts", capsys=capsys)
-    assert experts == {f"experts.{n}" for n in ("order", "rows", "sizes", "gate", "up", "hidden")}, experts
+    assert experts == {f"experts.{n}" for n in ("order", "inverse", "rows", "sizes", "gate", "up", "hidden")}, experts
     module = _module(MICRO, "dsv3-remat{kernels=attention,experts}")
     assert 'kernel_residuals = ["attention", "experts"]' in print_ir(module)
     stacks = [op for op in module.walk() if isinstance(op, dsv3c.dialects.dsv3.LayerStackOp)]
