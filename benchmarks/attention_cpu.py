@@ -30,12 +30,13 @@ MIB = 2.0**20
 
 
 def inputs(seq: int, args: argparse.Namespace) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """Random float32 (q_nope, q_pe, k_nope, k_pe, v) at batch 1, S = T = seq, and an output cotangent."""
+    """Random (q_nope, q_pe, k_nope, k_pe, v) in `--dtype` at batch 1, S = T = seq, and an output cotangent."""
     keys = jax.random.split(jax.random.key(0), 6)
     h, n, r, dv = args.heads, args.nope, args.rope, args.v_dim
     shapes = [(1, seq, h, n), (1, seq, h, r), (1, seq, h, n), (1, seq, r), (1, seq, h, dv)]
-    operands = tuple(jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes, strict=False))
-    return operands, jax.random.normal(keys[5], (1, seq, h, dv), jnp.float32)
+    dtype = jnp.dtype(args.dtype)
+    operands = tuple(jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes, strict=False))
+    return operands, jax.random.normal(keys[5], (1, seq, h, dv), dtype)
 
 
 def programs(attention: Callable[..., jax.Array]) -> dict[str, Callable[..., object]]:
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--block-q", type=int, help="query rows per tile (default: default_blocks(seq))")
     parser.add_argument("--block-k", type=int, help="keys per tile (default: default_blocks(seq))")
     parser.add_argument("--max-temp-gib", type=float, default=8.0, help="run no program with more temporaries")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="operands' dtype (scores and softmax statistics are float32 either way)")
     parser.add_argument("--forms", nargs="+", default=["plain", "blockwise"], choices=["plain", "blockwise"])
     args = parser.parse_args()
     scale = float(args.nope + args.rope) ** -0.5
@@ -92,7 +95,7 @@ def main() -> None:
     forms = {name: forms[name] for name in args.forms}
     tiles = ", ".join(f"{q if args.block_q is None else args.block_q} x {k if args.block_k is None else args.block_k}"
                       f" at {s}" for s in args.seqs for q, k in [default_blocks(s)])
-    print(f"causal MLA attention, XLA:CPU ({jax.devices()[0].device_kind}), float32, batch 1, H={args.heads}, "
+    print(f"causal MLA attention, XLA:CPU ({jax.devices()[0].device_kind}), {args.dtype}, batch 1, H={args.heads}, "
           f"nope {args.nope}, rope {args.rope}, v {args.v_dim}, blockwise tiles {tiles}; "
           f"median ms of {args.runs} runs ({min(args.runs, 2)} above seq 4096) after a warm-up; load average "
           f"{os.getloadavg()[1]:.1f} on {os.cpu_count()} CPUs")
