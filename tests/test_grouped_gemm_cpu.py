@@ -4,6 +4,7 @@ float32 (to rounding) and bfloat16, and inside `lax.scan` over `jax.checkpoint` 
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import jax
@@ -114,6 +115,23 @@ def test_inside_scanned_checkpointed_layers():
         ref = jax.jit(jax.value_and_grad(lambda *a: loss(lax.ragged_dot, *a), argnums=(0, 1)))(x, weights)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_operands_are_never_widened_whole():
+    """The windows and the groups' weights are sliced in bf16: XLA:CPU widens a bf16 dynamic slice to f32 and hoists
+    the widening of a loop-invariant operand out of the loop, which converted the whole expert stack, the padded
+    rows and their transpose to f32 before the loops read them back (`_slice`). The compiled forward and backward
+    convert no array of those shapes to f32 (their f32 outputs and accumulators are no conversions)."""
+    rng = np.random.default_rng(3)
+    groups, rows, k, n, tile = 4, 64, 32, 24, 16
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((groups, k, n)), jnp.bfloat16)
+    sizes = jnp.asarray([10, 30, 0, 24], jnp.int32)
+    d_out = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
+    text = _tiled.lower(x, w, sizes, d_out, tile=tile).compile().as_text()
+    padded = rows + tile
+    for shape in (f"{groups},{k},{n}", f"{padded},{k}", f"{k},{padded}", f"{padded},{n}"):
+        assert not re.search(rf"= f32\[{shape}\]\{{[\d,]*\}} convert\(", text), shape
 
 
 def test_group_sizes_are_traced_and_shapes_checked():
