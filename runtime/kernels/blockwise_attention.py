@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from .slicing import dynamic_index
+
 F32 = jnp.float32
 
 RESIDUALS = ("blockwise_attention.out", "blockwise_attention.lse")
@@ -136,15 +138,15 @@ def _forward(q_nope, q_pe, k_nope, k_pe, v, scale: float, tiling: _Tiling) -> tu
     _, b, h, bq, _ = qb.shape
 
     def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
-        q = qb[i]
+        q = dynamic_index(qb, i)
 
         def tile(j: jax.Array, carry):
             m, denom, acc = carry
-            s = _scores(q, kb[j], scale, tiling.mask(i, j))
+            s = _scores(q, dynamic_index(kb, j), scale, tiling.mask(i, j))
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("bhqk,bhkv->bhqv", p.astype(v.dtype), vb[j], preferred_element_type=F32)
+            pv = jnp.einsum("bhqk,bhkv->bhqv", p.astype(v.dtype), dynamic_index(vb, j), preferred_element_type=F32)
             return m_new, alpha * denom + p.sum(-1), alpha[..., None] * acc + pv
 
         carry = (jnp.full((b, h, bq), -jnp.inf, F32), jnp.zeros((b, h, bq), F32),
@@ -178,11 +180,11 @@ def _backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, d_out, scale: float, tili
     _, b, h, bk, d = kb.shape
 
     def key_block(dq_t: jax.Array, j: jax.Array):
-        k, vj = kb[j], vb[j]
+        k, vj = dynamic_index(kb, j), dynamic_index(vb, j)
 
         def tile(i: jax.Array, carry):
             dq_t, dk, dv = carry
-            q, do = qb[i], dob[i]
+            q, do = dynamic_index(qb, i), dynamic_index(dob, i)
             s_t = jnp.einsum("bhkd,bhqd->bhkq", k, q, preferred_element_type=F32) * scale
             s_t = jnp.where(tiling.mask(i, j).T, s_t, -jnp.inf)
             p_t = jnp.exp(s_t - lse[i][..., None, :])
@@ -191,7 +193,7 @@ def _backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, d_out, scale: float, tili
             ds_t = (p_t * (dp_t - delta[i][..., None, :]) * scale).astype(q.dtype)
             dk = dk + jnp.einsum("bhkq,bhqd->bhkd", ds_t, q, preferred_element_type=F32)
             dq_i = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
-            dq_i = dq_i + jnp.einsum("bhdk,bhkq->bhdq", k_t[j], ds_t, preferred_element_type=F32)
+            dq_i = dq_i + jnp.einsum("bhdk,bhkq->bhdq", dynamic_index(k_t, j), ds_t, preferred_element_type=F32)
             return lax.dynamic_update_index_in_dim(dq_t, dq_i, i, 0), dk, dv
 
         carry = (dq_t, jnp.zeros((b, h, bk, d), F32), jnp.zeros((b, h, bk, v.shape[-1]), F32))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .packed_matmul import packed_transpose
+from .slicing import dynamic_index, dynamic_slice
 
 TILES = (256, 128, 64, 32, 16)
 """Tile sizes `tile_rows` chooses from, largest first."""
@@ -82,19 +83,6 @@ def _per_row(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax
     return jnp.where((group < groups)[:, None], y, 0).astype(rows.dtype)
 
 
-def _slice(x: jax.Array, start: jax.Array, size: int, axis: int = 0) -> jax.Array:
-    """`lax.dynamic_slice_in_dim` that keeps a 16-bit float operand in its dtype.
-
-    XLA:CPU computes a bf16 dynamic slice in float32, and for an operand that does not change inside the loop it
-    hoists the widening out: every group's weights and every window's rows were sliced from a float32 copy of the
-    layer's expert stack and of the padded rows, written once per call. Slicing the 16-bit integer view moves the
-    same bits with no conversion."""
-    if jnp.dtype(x.dtype).itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-        return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-    bits = lax.dynamic_slice_in_dim(lax.bitcast_convert_type(x, jnp.uint16), start, size, axis=axis)
-    return lax.bitcast_convert_type(bits, x.dtype)
-
-
 def _pad_rows(x: jax.Array, tile: int) -> jax.Array:
     """A window may start on the last row: `tile` rows of zeros after it keep every window inside the array."""
     return jnp.pad(x, ((0, tile), (0, 0)))
@@ -111,11 +99,11 @@ def _apply(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, tile: in
     start, end = _group_rows(group_sizes, num_rows)
 
     def group(g, out):
-        w = _slice(weights, g, 1)[0].astype(rows.dtype)
+        w = dynamic_index(weights, g).astype(rows.dtype)
 
         def window(index, out):
             first, own = _window(start, end, g, index, tile)
-            x_tile = _slice(x, first, tile)
+            x_tile = dynamic_slice(x, first, tile)
             y = lax.dot_general(x_tile, w, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
             kept = jnp.where(own[:, None], y, lax.dynamic_slice_in_dim(out, first, tile))
             return lax.dynamic_update_slice_in_dim(out, kept, first, 0)
@@ -141,8 +129,8 @@ def _weight_grad(rows: jax.Array, d_out: jax.Array, group_sizes: jax.Array, tile
     def group(g, dw):
         def window(index, total):
             first, own = _window(start, end, g, index, tile)
-            x_tile = jnp.where(own[None, :], _slice(x_t, first, tile, axis=1), 0)
-            d_tile = _slice(dy, first, tile).astype(x_tile.dtype)
+            x_tile = jnp.where(own[None, :], dynamic_slice(x_t, first, tile, axis=1), 0)
+            d_tile = dynamic_slice(dy, first, tile).astype(x_tile.dtype)
             return total + jnp.matmul(x_tile, d_tile, preferred_element_type=jnp.float32)
 
         total = lax.fori_loop(0, _windows(start, end, g, tile), window, jnp.zeros(dw.shape[1:], jnp.float32))
