@@ -18,6 +18,7 @@ from ir_eval import ir_function as evaluate_ir
 from numpy_reference import Config, Yarn
 
 import dsv3c
+from dsv3c.runtime.lower.experts import permute_rows, sorted_rows
 from dsv3c.runtime.model import run_model
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -290,8 +291,6 @@ def test_experts():
 def test_expert_dispatch_gathers_and_their_gradients():
     """The experts' sort and unsort as gathers both ways (`sorted_rows`, `permute_rows`): values and gradients
     against NumPy's indexing and its scatter-add (`np.add.at`), for a stable sort of (token, choice) pairs."""
-    from dsv3c.runtime.lower.experts import permute_rows, sorted_rows
-
     rng = np.random.default_rng(9)
     tokens, k, dim = 6, 3, 4
     x = rng.standard_normal((tokens, dim))
